@@ -1,0 +1,82 @@
+"""The two backward GEMMs of a linear layer Y = X·Wᵀ under an `MXFP4Recipe`.
+
+Shared by `linear.py` and the Megatron/DeepSpeed integrations so that every layer quantizes the
+same operands along the same dimensions (DESIGN §3):
+
+  dgrad  dX [T, in]  = dY [T, out] · W [out, in]   reduction over out:  a = dY,   b = Wᵀ
+  wgrad  dW [out, in] = dYᵀ [out, T] · X [T, in]   reduction over T:    a = dYᵀ,  b = Xᵀ
+
+Each GEMM draws its own RHT signs, shared by its two operands; every operand its own dither.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .numerics.format import BLOCK
+from .numerics.rht import draw_signs
+from .numerics.streams import Gemm, Operand, stream_offset
+from .ops import mxfp4_gemm, quantize_mxfp4
+from .recipe import MXFP4Recipe
+
+
+@dataclass(frozen=True)
+class StreamKey:
+    """Identifies the random bits of one call of one layer: (seed, layer id, call index)."""
+
+    seed: int
+    layer: int
+    call: int
+
+    def offset(self, gemm: Gemm, operand: Operand) -> int:
+        return stream_offset(self.layer, self.call, gemm, operand)
+
+
+def check_reduction_dim(size: int, recipe: MXFP4Recipe, what: str) -> None:
+    """Raise a clear error when a reduction dimension cannot be quantized under `recipe`."""
+    g = recipe.effective_rht_block
+    step = max(BLOCK, g)
+    if size % step:
+        fix = f" or set rht_block to 32 or 0" if g > BLOCK and size % BLOCK == 0 else ""
+        raise ValueError(
+            f"{what} has size {size}, which is not a multiple of {step} (MX block {BLOCK}"
+            f"{f', RHT block {g}' if g else ''}); pad it to a multiple of {step}{fix}"
+        )
+
+
+def gemm_signs(recipe: MXFP4Recipe, key: StreamKey, gemm: Gemm, device) -> Optional[torch.Tensor]:
+    """The RHT signs of one GEMM per the recipe's sign policy (None when the RHT is off)."""
+    g = recipe.effective_rht_block
+    if not g:
+        return None
+    if recipe.sign_policy == "deterministic":
+        return torch.ones(g, dtype=torch.float32, device=device)
+    call = key.call if recipe.sign_policy == "per_call" else 0
+    return draw_signs(g, key.seed, stream_offset(key.layer, call, gemm, Operand.SIGNS), device)
+
+
+def _quantize(t: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey, gemm: Gemm, operand: Operand, signs):
+    return quantize_mxfp4(
+        t, dim=-1, rounding=recipe.rounding, rht_block=recipe.effective_rht_block, signs=signs,
+        seed=key.seed, offset=key.offset(gemm, operand), backend=recipe.quantize_backend,
+    )
+
+
+def dgrad(dy: torch.Tensor, weight: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey) -> torch.Tensor:
+    """dX = dY · W (float32) with both operands in MXFP4 along out. dy [T, out], weight [out, in]."""
+    check_reduction_dim(dy.shape[1], recipe, "dgrad reduction (output features)")
+    signs = gemm_signs(recipe, key, Gemm.DGRAD, dy.device)
+    a = _quantize(dy, recipe, key, Gemm.DGRAD, Operand.GRAD_OUTPUT, signs)
+    b = _quantize(weight.t(), recipe, key, Gemm.DGRAD, Operand.WEIGHT, signs)
+    return mxfp4_gemm(a, b, out_dtype=torch.float32, backend=recipe.gemm_backend)
+
+
+def wgrad(dy: torch.Tensor, x: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey) -> torch.Tensor:
+    """dW = dYᵀ · X (float32) with both operands in MXFP4 along tokens. dy [T, out], x [T, in]."""
+    check_reduction_dim(dy.shape[0], recipe, "wgrad reduction (tokens = sequence × micro-batch)")
+    signs = gemm_signs(recipe, key, Gemm.WGRAD, dy.device)
+    a = _quantize(dy.t(), recipe, key, Gemm.WGRAD, Operand.GRAD_OUTPUT, signs)
+    b = _quantize(x.t(), recipe, key, Gemm.WGRAD, Operand.INPUT, signs)
+    return mxfp4_gemm(a, b, out_dtype=torch.float32, backend=recipe.gemm_backend)

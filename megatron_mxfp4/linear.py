@@ -1,0 +1,168 @@
+"""The MXFP4-backward linear layer: autograd Function, functional form and an `nn.Linear` drop-in.
+
+Forward: Y = X·Wᵀ + b in the input's dtype (or FP8 E4M3 when `recipe.forward == "fp8"`).
+Backward: dgrad and wgrad in MXFP4 per the recipe (`backward.py`), the bias gradient from the
+unquantized dY, gradients returned in the dtypes of X and W. Every call draws fresh random bits:
+the module's call counter is part of the Philox offset.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import backward as bwd
+from .numerics.streams import derive_seed
+from .ops import fp8_matmul
+from .recipe import MXFP4Recipe
+
+_layer_ids = itertools.count()
+_functional_calls = itertools.count()
+
+
+def forward_gemm(x2d: torch.Tensor, weight: torch.Tensor, recipe: MXFP4Recipe) -> torch.Tensor:
+    """Y = X·Wᵀ for x2d [T, in], weight [out, in] in the recipe's forward precision (x's dtype out)."""
+    if recipe.forward == "fp8":
+        return fp8_matmul(x2d, weight, out_dtype=x2d.dtype)
+    return x2d @ weight.t()
+
+
+def data_parallel_rank() -> int:
+    """The rank folded into the Philox seed in plain PyTorch (every rank is a data-parallel replica)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
+class MXFP4LinearFunction(torch.autograd.Function):
+    """Y = X·Wᵀ + b with an MXFP4 backward. x [..., in], weight [out, in], bias [out] or None."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, recipe: MXFP4Recipe, key: bwd.StreamKey):
+        if x.shape[-1] != weight.shape[1]:
+            raise ValueError(f"input features {x.shape[-1]} do not match weight {tuple(weight.shape)}")
+        x2d = x.reshape(-1, x.shape[-1])
+        y = forward_gemm(x2d, weight.to(x.dtype), recipe)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        ctx.save_for_backward(x, weight)
+        ctx.recipe, ctx.key, ctx.has_bias = recipe, key, bias is not None
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        recipe, key = ctx.recipe, ctx.key
+        dy2d = dy.reshape(-1, dy.shape[-1])
+        x2d = x.reshape(-1, x.shape[-1])
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            if recipe.dgrad:
+                dx = bwd.dgrad(dy2d, weight, recipe, key)
+            else:
+                dx = dy2d @ weight.to(dy2d.dtype)
+            dx = dx.to(x.dtype).reshape(x.shape)
+        if ctx.needs_input_grad[1]:
+            if recipe.wgrad:
+                dw = bwd.wgrad(dy2d, x2d, recipe, key)
+            else:
+                dw = dy2d.t() @ x2d.to(dy2d.dtype)
+            dw = dw.to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy2d.sum(0)
+        return dx, dw, db, None, None
+
+
+def _check_linear_inputs(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if not t.is_floating_point():
+            raise TypeError(f"mxfp4_linear: {name} must be a floating-point tensor, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"mxfp4_linear: {name} is on {t.device} but x is on {x.device}")
+    if weight.dim() != 2:
+        raise ValueError(f"mxfp4_linear: weight must be 2-d [out, in], got shape {tuple(weight.shape)}")
+
+
+def mxfp4_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    recipe: MXFP4Recipe = MXFP4Recipe(),
+    *,
+    layer_id: int = 0,
+    call_index: Optional[int] = None,
+) -> torch.Tensor:
+    """`F.linear` whose backward GEMMs run in MXFP4 under `recipe`.
+
+    x [..., in], weight [out, in]. dgrad reduces over `out` and wgrad over the flattened tokens of
+    x: both must be multiples of 32 (and of the RHT block). `call_index` selects the random
+    stream; by default each call takes a fresh one.
+    """
+    _check_linear_inputs(x, weight, bias)
+    if recipe is None:
+        return F.linear(x, weight, bias)
+    call = next(_functional_calls) if call_index is None else call_index
+    key = bwd.StreamKey(derive_seed(recipe.seed, data_parallel_rank()), layer_id, call)
+    return MXFP4LinearFunction.apply(x, weight, bias, recipe, key)
+
+
+class MXFP4Linear(nn.Linear):
+    """`nn.Linear` with an MXFP4 backward. Same parameters and state_dict keys as `nn.Linear`.
+
+    `recipe=None` behaves exactly like `nn.Linear`. The output-feature count (dgrad's reduction)
+    is checked at construction; the token count (wgrad's) at the first backward.
+    """
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None,
+                 recipe: Optional[MXFP4Recipe] = MXFP4Recipe(), layer_id: Optional[int] = None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.recipe = recipe
+        self.layer_id = (next(_layer_ids) % (1 << 16)) if layer_id is None else layer_id
+        self._calls = 0
+        if recipe is not None and recipe.dgrad:
+            bwd.check_reduction_dim(out_features, recipe,
+                                    f"MXFP4Linear({in_features}, {out_features}): out_features (dgrad reduction)")
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, recipe: Optional[MXFP4Recipe] = MXFP4Recipe(),
+                    layer_id: Optional[int] = None) -> "MXFP4Linear":
+        """Wrap an existing `nn.Linear`, sharing its parameters (no copy)."""
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta",
+                  recipe=recipe, layer_id=layer_id)
+        new.weight = linear.weight
+        new.bias = linear.bias
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.recipe is None:
+            return F.linear(x, self.weight, self.bias)
+        call = self._calls
+        self._calls += 1
+        return mxfp4_linear(x, self.weight, self.bias, self.recipe, layer_id=self.layer_id, call_index=call)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, recipe={self.recipe}"
+
+
+def convert_linears(model: nn.Module, recipe: Optional[MXFP4Recipe] = MXFP4Recipe(),
+                    filter: Optional[Callable[[str, nn.Linear], bool]] = None) -> nn.Module:
+    """Replace every `nn.Linear` in `model` (in place) with an `MXFP4Linear` sharing its parameters.
+
+    `filter(qualified_name, module) -> bool` chooses which linears to convert (default: all).
+    Layer ids follow module order, so they are the same on every rank. Returns `model`.
+    """
+    if type(model) is nn.Linear:
+        raise TypeError("convert_linears converts the children of a module; wrap a bare nn.Linear with "
+                        "MXFP4Linear.from_linear")
+    targets = [(name, m) for name, m in model.named_modules()
+               if type(m) is nn.Linear and (filter is None or filter(name, m))]
+    for layer_id, (name, m) in enumerate(targets):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, MXFP4Linear.from_linear(m, recipe, layer_id=layer_id % (1 << 16)))
+    return model

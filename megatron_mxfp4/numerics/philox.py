@@ -1,0 +1,92 @@
+"""Philox4x32-10 (Salmon et al., SC'11) in plain PyTorch integer ops, plus the project's stream.
+
+The stream contract (DESIGN §2.4), identical in every backend:
+
+* key   = (seed & 0xFFFFFFFF, seed >> 32)           -- 64-bit seed
+* counter = (blk & 0xFFFFFFFF, (blk >> 32) | domain << 31, offset & 0xFFFFFFFF, offset >> 32)
+  where blk = index // 4 and index is the element's row-major flat index in the logical tensor;
+* word  = output[index % 4] of that Philox block;
+* domain 0 is the SR dither stream, domain 1 the RHT sign stream;
+* uniform u = (word >> 8) * 2^-24, a float32 in [0, 1) with 24 random bits (exact).
+
+All arithmetic is done in int64 with 16-bit limbs so that nothing overflows.
+"""
+from __future__ import annotations
+
+import torch
+
+PHILOX_M0 = 0xD2511F53
+PHILOX_M1 = 0xCD9E8D57
+PHILOX_W0 = 0x9E3779B9
+PHILOX_W1 = 0xBB67AE85
+PHILOX_ROUNDS = 10
+MASK32 = 0xFFFFFFFF
+
+DOMAIN_DITHER = 0
+DOMAIN_SIGNS = 1
+
+
+def _mulhilo(m: int, x: torch.Tensor):
+    """(hi, lo) 32-bit words of the 64-bit product m * x, for a 32-bit constant m and int64 x < 2^32."""
+    xl = x & 0xFFFF
+    xh = x >> 16
+    a = m * xl  # < 2^48
+    b = m * xh  # < 2^48
+    lo = a + ((b & 0xFFFF) << 16)  # < 2^49
+    hi = (b >> 16) + (lo >> 32)
+    return hi & MASK32, lo & MASK32
+
+
+def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int):
+    """Philox4x32 with 10 rounds. Counter words are int64 tensors (values < 2^32), key words ints.
+
+    Returns the four output words as int64 tensors with values in [0, 2^32).
+    """
+    k0 &= MASK32
+    k1 &= MASK32
+    for r in range(PHILOX_ROUNDS):
+        if r:
+            k0 = (k0 + PHILOX_W0) & MASK32
+            k1 = (k1 + PHILOX_W1) & MASK32
+        hi0, lo0 = _mulhilo(PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo(PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+def _check_u64(name: str, value: int) -> int:
+    value = int(value)
+    if not 0 <= value < 2**64:
+        raise ValueError(f"{name} must be an unsigned 64-bit integer, got {value}")
+    return value
+
+
+def random_words(seed: int, offset: int, n: int, domain: int = DOMAIN_DITHER, device=None) -> torch.Tensor:
+    """The first `n` 32-bit words (int64 tensor, indices 0..n-1) of the stream (seed, offset, domain)."""
+    seed = _check_u64("seed", seed)
+    offset = _check_u64("offset", offset)
+    blk = torch.arange((n + 3) // 4, dtype=torch.int64, device=device)
+    c1 = (blk >> 32) | (domain << 31)
+    c2 = torch.full_like(blk, offset & MASK32)
+    c3 = torch.full_like(blk, offset >> 32)
+    words = philox4x32_10(blk & MASK32, c1, c2, c3, seed & MASK32, seed >> 32)
+    return torch.stack(words, dim=-1).flatten()[:n]
+
+
+def uniform_from_words(words: torch.Tensor) -> torch.Tensor:
+    """float32 uniforms in [0, 1) from the top 24 bits of each 32-bit word (exact)."""
+    return (words >> 8).to(torch.float32) * (2.0**-24)
+
+
+def uniform(seed: int, offset: int, shape, device=None) -> torch.Tensor:
+    """Dither uniforms for a tensor of `shape`; element i (row-major flat index) gets word i."""
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return uniform_from_words(random_words(seed, offset, n, DOMAIN_DITHER, device)).reshape(shape)
+
+
+def random_signs(seed: int, offset: int, n: int, device=None) -> torch.Tensor:
+    """n float32 Rademacher signs from the sign stream: word j's top bit set gives -1."""
+    words = random_words(seed, offset, n, DOMAIN_SIGNS, device)
+    return 1.0 - 2.0 * (words >> 31).to(torch.float32)

@@ -1,0 +1,184 @@
+"""Reference MXFP4 quantizer and GEMM (plain PyTorch, runs on CPU): the oracle for every kernel.
+
+Order of operations for one element (bit-exact contract for all backends):
+  1. x -> float32; if rht_block: y = H_g · diag(s) · x per g-block (butterflies, then · 1/sqrt(g));
+  2. per 32-block: amax = max |y|; e = floor(log2 amax) - 2 (exponent bits, clamped); a block with
+     NaN/Inf gets scale 0xFF and all-zero codes;
+  3. v = (y · 2^-e) · p in float32 (p = prescale; the second product is skipped when p == 1);
+  4. code = RTN(v) or SR(v, u) with u from the dither stream at the element's row-major flat index in
+     the logical tensor `x` (before the quantized dim is moved anywhere);
+  5. pack two codes per byte along the quantized dim, first element in the low nibble.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from . import format as fmt
+from .philox import uniform
+from .rht import apply_rht, check_rht_block, draw_signs
+
+ROUNDINGS = ("rtn", "sr")
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class MXFP4Tensor:
+    """An MXFP4-quantized tensor.
+
+    `data`: uint8 codes packed two per byte along `dim` (shape[dim] halved);
+    `scales`: uint8 E8M0, one per 32 elements along `dim` (shape[dim] / 32);
+    `prescale`: the factor p applied before rounding (dequantize divides it out);
+    `shape`: the original shape; `rht_block`/`signs`: the rotation the values live in (0/None: none).
+    """
+
+    data: torch.Tensor
+    scales: torch.Tensor
+    prescale: float
+    dim: int
+    shape: Tuple[int, ...]
+    rht_block: int = 0
+    signs: Optional[torch.Tensor] = None
+
+    def codes(self) -> torch.Tensor:
+        """Unpacked codes (uint8, original shape)."""
+        d = self.data.movedim(self.dim, -1)
+        return fmt.unpack_nibbles(d).movedim(-1, self.dim)
+
+    def dequantize(self, unscaled: bool = False) -> torch.Tensor:
+        """float32 estimate of x (in the rotated basis when rht_block > 0): codes · 2^e / prescale.
+
+        With `unscaled=True` the prescale is not divided out (the values a GEMM multiplies).
+        """
+        codes = self.codes().movedim(self.dim, -1)
+        vals = fmt.e2m1_table(codes.device)[codes.long()]
+        vals = vals.reshape(*vals.shape[:-1], -1, fmt.BLOCK)
+        scale = fmt.decode_scales(self.scales.movedim(self.dim, -1)).unsqueeze(-1)
+        out = (vals * scale).flatten(-2)
+        if not unscaled and self.prescale != 1.0:
+            out = out / self.prescale
+        return out.movedim(-1, self.dim)
+
+
+def resolve_prescale(rounding: str, prescale: Optional[float]) -> float:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    if prescale is None:
+        return fmt.SR_PRESCALE if rounding == "sr" else 1.0
+    prescale = float(prescale)
+    if not 0.0 < prescale <= 1.0:
+        raise ValueError(f"prescale must be in (0, 1], got {prescale}")
+    return prescale
+
+
+def check_quantize_args(x: torch.Tensor, dim: int, rht_block: int, signs: Optional[torch.Tensor]) -> int:
+    """Validate inputs of quantize_mxfp4; returns the normalized dim."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"quantize_mxfp4 expects a tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"quantize_mxfp4 supports float32/bfloat16/float16 input, got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError("quantize_mxfp4 needs at least one dimension")
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim {dim} is out of range for a {x.dim()}-d tensor")
+    dim %= x.dim()
+    k = x.shape[dim]
+    if k % fmt.BLOCK:
+        raise ValueError(
+            f"the quantized dimension (dim {dim}, size {k}) must be a multiple of the MX block {fmt.BLOCK}"
+        )
+    check_rht_block(rht_block)
+    if rht_block and k % rht_block:
+        raise ValueError(
+            f"the quantized dimension (dim {dim}, size {k}) must be a multiple of rht_block={rht_block}; "
+            f"pad it or choose a smaller rht_block"
+        )
+    if signs is not None:
+        if not rht_block:
+            raise ValueError("signs were given but rht_block is 0")
+        if signs.numel() != rht_block:
+            raise ValueError(f"signs must have rht_block={rht_block} entries, got {signs.numel()}")
+        if signs.device != x.device:
+            raise ValueError(f"signs are on {signs.device} but x is on {x.device}")
+    return dim
+
+
+def quantize_reference(
+    x: torch.Tensor,
+    dim: int = -1,
+    rounding: str = "rtn",
+    prescale: Optional[float] = None,
+    rht_block: int = 0,
+    signs: Optional[torch.Tensor] = None,
+    seed: int = 0,
+    offset: int = 0,
+) -> MXFP4Tensor:
+    """Quantize `x` to MXFP4 along `dim` (see the module docstring for the exact steps)."""
+    dim = check_quantize_args(x, dim, rht_block, signs)
+    p = resolve_prescale(rounding, prescale)
+    if rht_block and signs is None:
+        signs = draw_signs(rht_block, seed, offset, x.device)
+    signs = signs.to(torch.float32) if signs is not None else None
+
+    y = x.to(torch.float32).movedim(dim, -1)
+    if rht_block:
+        y = apply_rht(y, signs)
+    blocks = y.reshape(*y.shape[:-1], -1, fmt.BLOCK)
+    finite = torch.isfinite(blocks).all(dim=-1)
+    amax = torch.where(finite.unsqueeze(-1), blocks.abs(), torch.zeros_like(blocks)).amax(dim=-1)
+    e = fmt.shared_exponent(amax)
+    v = blocks * fmt.exp2_int(-e).unsqueeze(-1)
+    if p != 1.0:
+        v = v * p
+    if rounding == "sr":
+        u = uniform(seed, offset, x.shape, x.device).movedim(dim, -1)
+        codes = fmt.round_sr(v, u.reshape(v.shape))
+    else:
+        codes = fmt.round_rtn(v)
+    codes = torch.where(finite.unsqueeze(-1), codes, torch.zeros_like(codes))
+    scales = torch.where(finite, (e + fmt.E8M0_BIAS).to(torch.uint8), torch.full_like(e, fmt.E8M0_NAN, dtype=torch.uint8))
+    data = fmt.pack_nibbles(codes.flatten(-2))
+    return MXFP4Tensor(
+        data=data.movedim(-1, dim).contiguous(),
+        scales=scales.movedim(-1, dim).contiguous(),
+        prescale=p,
+        dim=dim,
+        shape=tuple(x.shape),
+        rht_block=rht_block,
+        signs=signs,
+    )
+
+
+def check_gemm_operands(a: MXFP4Tensor, b: MXFP4Tensor, out_dtype: torch.dtype) -> None:
+    """a [M, K] and b [N, K], both quantized along K and rotated (if at all) identically."""
+    for name, t in (("a", a), ("b", b)):
+        if not isinstance(t, MXFP4Tensor):
+            raise TypeError(f"mxfp4_gemm: {name} must be an MXFP4Tensor, got {type(t).__name__}")
+        if len(t.shape) != 2 or t.dim != 1:
+            raise ValueError(f"mxfp4_gemm: {name} must be 2-d and quantized along its last dim (K); "
+                             f"got shape {t.shape} quantized along dim {t.dim}")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"mxfp4_gemm: reduction sizes differ: a has K={a.shape[1]}, b has K={b.shape[1]}")
+    if a.data.device != b.data.device:
+        raise ValueError(f"mxfp4_gemm: a is on {a.data.device} but b is on {b.data.device}")
+    if a.rht_block != b.rht_block:
+        raise ValueError(f"mxfp4_gemm: operands are rotated differently (rht_block {a.rht_block} vs {b.rht_block}); "
+                         "the transform would not cancel")
+    if a.rht_block and not torch.equal(a.signs, b.signs):
+        raise ValueError("mxfp4_gemm: operands use different RHT signs; the transform would not cancel")
+    if out_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"mxfp4_gemm: out_dtype must be float32/bfloat16/float16, got {out_dtype}")
+
+
+def gemm_alpha(a: MXFP4Tensor, b: MXFP4Tensor) -> float:
+    """alpha = 1 / (p_a · p_b): undoes both prescales once, on the GEMM output (16/9 for SR·SR)."""
+    return float(torch.tensor(1.0 / (a.prescale * b.prescale), dtype=torch.float32))
+
+
+def gemm_reference(a: MXFP4Tensor, b: MXFP4Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """C = alpha · Σ_k A[m,k]·B[n,k] from the unscaled MXFP4 values, float32 accumulation."""
+    check_gemm_operands(a, b, out_dtype)
+    c = a.dequantize(unscaled=True) @ b.dequantize(unscaled=True).t()
+    return (c * gemm_alpha(a, b)).to(out_dtype)

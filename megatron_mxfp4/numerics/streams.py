@@ -1,0 +1,46 @@
+"""Where every random bit of a backward pass comes from (DESIGN §2.4).
+
+A Philox stream is keyed by (seed, offset). The seed folds in the data-parallel rank (replicas
+decorrelated, tensor-parallel ranks identical); the 64-bit offset packs
+
+    bits 63..48  layer id      (16 bits)
+    bits 47..8   call index    (40 bits: step × micro-batch, counted per layer)
+    bits  7..4   GEMM          (dgrad / wgrad)
+    bits  3..0   operand       (signs / dY / W / X)
+
+so that no two operands of any GEMM of any layer in any call share bits.
+"""
+from __future__ import annotations
+
+import enum
+
+MASK64 = (1 << 64) - 1
+_LAYER_BITS, _CALL_BITS = 16, 40
+
+
+class Gemm(enum.IntEnum):
+    DGRAD = 1
+    WGRAD = 2
+
+
+class Operand(enum.IntEnum):
+    SIGNS = 0  # the RHT signs shared by both operands of the GEMM
+    GRAD_OUTPUT = 1  # dY
+    WEIGHT = 2  # W (dgrad)
+    INPUT = 3  # X (wgrad)
+
+
+def stream_offset(layer: int, call: int, gemm: Gemm, operand: Operand) -> int:
+    """The Philox offset of one operand of one GEMM of one call of one layer."""
+    if not 0 <= layer < (1 << _LAYER_BITS):
+        raise ValueError(f"layer id must be in [0, {1 << _LAYER_BITS}), got {layer}")
+    call %= 1 << _CALL_BITS  # wraps after 2^40 calls per layer
+    return (layer << 48) | (call << 8) | (int(gemm) << 4) | int(operand)
+
+
+def derive_seed(seed: int, dp_rank: int = 0) -> int:
+    """64-bit Philox key for a data-parallel rank (splitmix64 of seed and rank)."""
+    z = (int(seed) * 0x9E3779B97F4A7C15 + int(dp_rank) + 1) & MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)

@@ -1,0 +1,108 @@
+"""Backend registry and dispatch for the MXFP4 quantizer, the MXFP4 GEMM and the FP8 matmul.
+
+A backend registers a function and a predicate `supports(tensor) -> Optional[str]` that returns
+None when it can run on that tensor's device, or the reason it cannot. Backends are tried in
+priority order for `backend="auto"`.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+
+from ..numerics.fp8 import fp8_matmul_reference
+from ..numerics.quantize import MXFP4Tensor, check_gemm_operands, check_quantize_args, gemm_reference, quantize_reference
+
+BACKENDS = ("auto", "reference", "cuda", "hopper", "blackwell", "triton")
+
+
+@dataclass(frozen=True)
+class _Backend:
+    name: str
+    fn: Callable
+    supports: Callable[[torch.Tensor], Optional[str]]
+    priority: int
+
+
+def _anywhere(_: torch.Tensor) -> Optional[str]:
+    return None
+
+
+_QUANTIZERS: Dict[str, _Backend] = {"reference": _Backend("reference", quantize_reference, _anywhere, 0)}
+_GEMMS: Dict[str, _Backend] = {"reference": _Backend("reference", gemm_reference, _anywhere, 0)}
+_warned = set()
+
+
+def register_quantizer(name: str, fn: Callable, supports: Callable, priority: int) -> None:
+    _QUANTIZERS[name] = _Backend(name, fn, supports, priority)
+
+
+def register_gemm(name: str, fn: Callable, supports: Callable, priority: int) -> None:
+    _GEMMS[name] = _Backend(name, fn, supports, priority)
+
+
+def available_backends(x: torch.Tensor, kind: str = "gemm"):
+    """Names of the backends of `kind` ("gemm" or "quantize") that can run on x's device, best first."""
+    table = _GEMMS if kind == "gemm" else _QUANTIZERS
+    ok = [b for b in table.values() if b.supports(x) is None]
+    return [b.name for b in sorted(ok, key=lambda b: -b.priority)]
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def _select(table: Dict[str, _Backend], backend: str, x: torch.Tensor, what: str) -> _Backend:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        best = sorted((b for b in table.values() if b.supports(x) is None), key=lambda b: -b.priority)[0]
+        if x.is_cuda and best.name == "reference":
+            _warn_once(what, f"megatron_mxfp4: no compiled {what} kernel is available for {x.device}; "
+                             "using the slow PyTorch reference (build the CUDA extension for speed)")
+        return best
+    b = table.get(backend)
+    if b is None:
+        raise RuntimeError(f"{what} backend {backend!r} is not available in this build "
+                           f"(registered: {sorted(table)})")
+    reason = b.supports(x)
+    if reason is not None:
+        raise RuntimeError(f"{what} backend {backend!r} cannot run on {x.device}: {reason}")
+    return b
+
+
+def quantize_mxfp4(x, dim=-1, rounding="rtn", prescale=None, rht_block=0, signs=None, seed=0, offset=0,
+                   backend="auto") -> MXFP4Tensor:
+    """Quantize `x` to MXFP4 along `dim` (DESIGN §2, §6). See `numerics.quantize` for the contract."""
+    check_quantize_args(x, dim, rht_block, signs)
+    b = _select(_QUANTIZERS, backend, x, "quantize")
+    return b.fn(x, dim=dim, rounding=rounding, prescale=prescale, rht_block=rht_block, signs=signs,
+                seed=seed, offset=offset)
+
+
+def mxfp4_gemm(a: MXFP4Tensor, b: MXFP4Tensor, out_dtype=torch.float32, backend="auto") -> torch.Tensor:
+    """alpha · a · bᵀ for a [M, K], b [N, K], both quantized along K (DESIGN §2.5)."""
+    check_gemm_operands(a, b, out_dtype)
+    g = _select(_GEMMS, backend, a.data, "GEMM")
+    return g.fn(a, b, out_dtype=out_dtype)
+
+
+def fp8_matmul(a: torch.Tensor, b: torch.Tensor, out_dtype=None) -> torch.Tensor:
+    """a [M, K] · b [N, K]ᵀ with E4M3 operands under per-tensor current scaling, float32 accumulation.
+
+    Uses `torch._scaled_mm` on GPUs with FP8 tensor cores (sm_89+), the emulated reference elsewhere.
+    """
+    out_dtype = out_dtype or a.dtype
+    if a.is_cuda and torch.cuda.get_device_capability(a.device) >= (8, 9):
+        from ..numerics.fp8 import quantize_fp8
+
+        qa, sa = quantize_fp8(a)
+        qb, sb = quantize_fp8(b)
+        return torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
+    if a.is_cuda:
+        _warn_once("fp8", f"megatron_mxfp4: {a.device} has no FP8 tensor cores; emulating the FP8 forward")
+    return fp8_matmul_reference(a, b, out_dtype)
