@@ -23,11 +23,13 @@ _layer_ids = itertools.count()
 _functional_calls = itertools.count()
 
 
-def forward_gemm(x2d: torch.Tensor, weight: torch.Tensor, recipe: MXFP4Recipe) -> torch.Tensor:
-    """Y = X·Wᵀ for x2d [T, in], weight [out, in] in the recipe's forward precision (x's dtype out)."""
+def forward_gemm(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 recipe: MXFP4Recipe) -> torch.Tensor:
+    """Y = X·Wᵀ + b for x2d [T, in], weight [out, in] in the recipe's forward precision (x's dtype out)."""
     if recipe.forward == "fp8":
-        return fp8_matmul(x2d, weight, out_dtype=x2d.dtype)
-    return x2d @ weight.t()
+        y = fp8_matmul(x2d, weight, out_dtype=x2d.dtype)
+        return y if bias is None else y + bias.to(y.dtype)
+    return F.linear(x2d, weight, bias)
 
 
 def data_parallel_rank() -> int:
@@ -45,9 +47,7 @@ class MXFP4LinearFunction(torch.autograd.Function):
         if x.shape[-1] != weight.shape[1]:
             raise ValueError(f"input features {x.shape[-1]} do not match weight {tuple(weight.shape)}")
         x2d = x.reshape(-1, x.shape[-1])
-        y = forward_gemm(x2d, weight.to(x.dtype), recipe)
-        if bias is not None:
-            y = y + bias.to(y.dtype)
+        y = forward_gemm(x2d, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), recipe)
         ctx.save_for_backward(x, weight)
         ctx.recipe, ctx.key, ctx.has_bias = recipe, key, bias is not None
         return y.reshape(*x.shape[:-1], weight.shape[0])
