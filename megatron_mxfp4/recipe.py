@@ -21,6 +21,11 @@ class MXFP4Recipe:
     forward: "bf16" (unquantized, the input's dtype) or "fp8" (E4M3, per-tensor current scaling).
     backend: kernel backend ("auto" picks the fastest valid one).
     seed: base Philox seed; the data-parallel rank is folded in per replica.
+
+    Integration options (Megatron; they do not change the numerics of a quantized layer):
+    bf16_first_layers / bf16_last_layers: keep the first / last N transformer layers entirely in
+        the unquantized path (forward and backward).
+    lm_head: also quantize the backward of the LM head (output layer); off by default.
     """
 
     dgrad: bool = True
@@ -31,6 +36,9 @@ class MXFP4Recipe:
     forward: str = "bf16"
     backend: str = "auto"
     seed: int = 1234
+    bf16_first_layers: int = 0
+    bf16_last_layers: int = 0
+    lm_head: bool = False
 
     def __post_init__(self):
         if self.rounding not in ROUNDINGS:
@@ -44,6 +52,12 @@ class MXFP4Recipe:
             raise ValueError(f"MXFP4Recipe.backend must be one of {BACKENDS}, got {self.backend!r}")
         if not 0 <= int(self.seed) < 2**64:
             raise ValueError(f"MXFP4Recipe.seed must be an unsigned 64-bit integer, got {self.seed}")
+        for name in ("bf16_first_layers", "bf16_last_layers"):
+            n = getattr(self, name)
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise ValueError(f"MXFP4Recipe.{name} must be a non-negative int, got {n!r}")
+        if not isinstance(self.lm_head, bool):
+            raise ValueError(f"MXFP4Recipe.lm_head must be a bool, got {self.lm_head!r}")
 
     @property
     def effective_rht_block(self) -> int:
