@@ -11,6 +11,7 @@ Order of operations for one element (bit-exact contract for all backends):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -151,8 +152,12 @@ def quantize_reference(
     )
 
 
-def check_gemm_operands(a: MXFP4Tensor, b: MXFP4Tensor, out_dtype: torch.dtype) -> None:
-    """a [M, K] and b [N, K], both quantized along K and rotated (if at all) identically."""
+def check_gemm_operands(a: MXFP4Tensor, b: MXFP4Tensor, out_dtype: torch.dtype,
+                        accumulate_into: Optional[torch.Tensor] = None) -> None:
+    """a [M, K] and b [N, K], both quantized along K and rotated (if at all) identically.
+
+    `accumulate_into` (optional): a float32 [M, N] tensor on the operands' device; then out_dtype must be float32.
+    """
     for name, t in (("a", a), ("b", b)):
         if not isinstance(t, MXFP4Tensor):
             raise TypeError(f"mxfp4_gemm: {name} must be an MXFP4Tensor, got {type(t).__name__}")
@@ -170,15 +175,37 @@ def check_gemm_operands(a: MXFP4Tensor, b: MXFP4Tensor, out_dtype: torch.dtype) 
         raise ValueError("mxfp4_gemm: operands use different RHT signs; the transform would not cancel")
     if out_dtype not in _FLOAT_DTYPES:
         raise TypeError(f"mxfp4_gemm: out_dtype must be float32/bfloat16/float16, got {out_dtype}")
+    if accumulate_into is not None:
+        if not isinstance(accumulate_into, torch.Tensor):
+            raise TypeError(f"mxfp4_gemm: accumulate_into must be a tensor, got {type(accumulate_into).__name__}")
+        want = (a.shape[0], b.shape[0])
+        if accumulate_into.dtype != torch.float32 or tuple(accumulate_into.shape) != want:
+            raise ValueError(f"mxfp4_gemm: accumulate_into must be a float32 tensor of shape {want}, got "
+                             f"{accumulate_into.dtype} {tuple(accumulate_into.shape)}")
+        if accumulate_into.device != a.data.device:
+            raise ValueError(f"mxfp4_gemm: accumulate_into is on {accumulate_into.device} but the operands are on "
+                             f"{a.data.device}")
+        if out_dtype != torch.float32:
+            raise ValueError(f"mxfp4_gemm: accumulating into a float32 tensor needs out_dtype=float32, got {out_dtype}")
 
 
-def gemm_alpha(a: MXFP4Tensor, b: MXFP4Tensor) -> float:
-    """alpha = 1 / (p_a · p_b): undoes both prescales once, on the GEMM output (16/9 for SR·SR)."""
-    return float(torch.tensor(1.0 / (a.prescale * b.prescale), dtype=torch.float32))
+def gemm_alpha(a: MXFP4Tensor, b: MXFP4Tensor, alpha: float = 1.0) -> float:
+    """alpha / (p_a · p_b), rounded once to float32: undoes both prescales once, on the GEMM output
+    (16/9 for SR·SR), times an optional extra output scale `alpha`."""
+    alpha = float(alpha)
+    if not math.isfinite(alpha):
+        raise ValueError(f"mxfp4_gemm: alpha must be finite, got {alpha}")
+    return float(torch.tensor(alpha / (a.prescale * b.prescale), dtype=torch.float32))
 
 
-def gemm_reference(a: MXFP4Tensor, b: MXFP4Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """C = alpha · Σ_k A[m,k]·B[n,k] from the unscaled MXFP4 values, float32 accumulation."""
-    check_gemm_operands(a, b, out_dtype)
+def gemm_reference(a: MXFP4Tensor, b: MXFP4Tensor, out_dtype: torch.dtype = torch.float32, alpha: float = 1.0,
+                   accumulate_into: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """C = alpha' · Σ_k A[m,k]·B[n,k] from the unscaled MXFP4 values, float32 accumulation,
+    alpha' = gemm_alpha(a, b, alpha). With `accumulate_into` (float32 [M, N]) the product is added
+    to it in place (C += alpha'·A·Bᵀ, one float32 add per element) and that tensor is returned."""
+    check_gemm_operands(a, b, out_dtype, accumulate_into)
     c = a.dequantize(unscaled=True) @ b.dequantize(unscaled=True).t()
-    return (c * gemm_alpha(a, b)).to(out_dtype)
+    c = c * gemm_alpha(a, b, alpha)
+    if accumulate_into is not None:
+        return accumulate_into.add_(c)
+    return c.to(out_dtype)

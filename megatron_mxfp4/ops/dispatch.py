@@ -15,7 +15,7 @@ import torch
 from ..numerics.fp8 import fp8_matmul_reference
 from ..numerics.quantize import MXFP4Tensor, check_gemm_operands, check_quantize_args, gemm_reference, quantize_reference
 
-BACKENDS = ("auto", "reference", "cuda", "hopper", "blackwell", "triton")
+BACKENDS = ("auto", "reference", "cuda", "hopper", "hopper_exact", "blackwell", "triton")
 
 
 @dataclass(frozen=True)
@@ -84,11 +84,16 @@ def quantize_mxfp4(x, dim=-1, rounding="rtn", prescale=None, rht_block=0, signs=
                 seed=seed, offset=offset)
 
 
-def mxfp4_gemm(a: MXFP4Tensor, b: MXFP4Tensor, out_dtype=torch.float32, backend="auto") -> torch.Tensor:
-    """alpha · a · bᵀ for a [M, K], b [N, K], both quantized along K (DESIGN §2.5)."""
-    check_gemm_operands(a, b, out_dtype)
+def mxfp4_gemm(a: MXFP4Tensor, b: MXFP4Tensor, out_dtype=torch.float32, backend="auto", *, alpha: float = 1.0,
+               accumulate_into: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """alpha · a · bᵀ / (p_a · p_b) for a [M, K], b [N, K], both quantized along K (DESIGN §2.5).
+
+    `alpha`: an extra output scale (default 1). `accumulate_into`: a float32 [M, N] tensor (e.g. a
+    wgrad's FP32 main_grad) that the product is added to in place and returned (out_dtype float32).
+    """
+    check_gemm_operands(a, b, out_dtype, accumulate_into)
     g = _select(_GEMMS, backend, a.data, "GEMM")
-    return g.fn(a, b, out_dtype=out_dtype)
+    return g.fn(a, b, out_dtype=out_dtype, alpha=alpha, accumulate_into=accumulate_into)
 
 
 def fp8_matmul(a: torch.Tensor, b: torch.Tensor, out_dtype=None) -> torch.Tensor:
