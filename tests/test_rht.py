@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from megatron_mxfp4.numerics.rht import RHT_BLOCKS, apply_rht, draw_signs, fwht, hadamard_matrix, hadamard_scale
+from megatron_mxfp4.numerics.rht import (
+    RHT_BLOCKS, apply_rht, draw_signs, fwht, hadamard_matrix, hadamard_scale, invert_rht,
+)
 
 
 @pytest.mark.parametrize("g", RHT_BLOCKS)
@@ -54,3 +56,10 @@ def test_scale_is_float32_rounded_once():
 def test_rht_rejects_indivisible_dims():
     with pytest.raises(ValueError, match="does not divide"):
         apply_rht(torch.randn(2, 96), torch.ones(64))
+
+
+@pytest.mark.parametrize("g", RHT_BLOCKS)
+def test_invert_rht_round_trips(g):
+    x = torch.randn(3, 2 * g)
+    s = draw_signs(g, 2, 3)
+    assert ((invert_rht(apply_rht(x, s), s) - x).norm() / x.norm()) <= 1e-6

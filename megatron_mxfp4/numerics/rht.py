@@ -58,6 +58,13 @@ def apply_rht(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     return fwht(xs.reshape(x.shape), g) * hadamard_scale(g)
 
 
+def invert_rht(y: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """Inverse of `apply_rht`: diag(signs) · H_g per g-block (H_g is symmetric and orthogonal)."""
+    g = signs.numel()
+    x = fwht(y.to(torch.float32), g) * hadamard_scale(g)
+    return (x.reshape(*y.shape[:-1], y.shape[-1] // g, g) * signs.to(torch.float32)).reshape(y.shape)
+
+
 def draw_signs(g: int, seed: int, offset: int, device=None) -> torch.Tensor:
     """The g Rademacher signs of the sign stream at (seed, offset)."""
     check_rht_block(g)
