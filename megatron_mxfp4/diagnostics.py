@@ -1,0 +1,174 @@
+"""Run-time diagnostics of the MXFP4 backward: how much gradient signal survives quantization.
+
+Every `interval` steps (on one micro-batch), each MXFP4 GEMM also computes its exact product and
+records, per layer and GEMM:
+
+* rel_err = ‖g_q − g‖ / ‖g‖, cosine(g_q, g), snr = ‖g‖ / ‖g_q − g‖ (g: the exact GEMM output);
+* clip_frac: fraction of 32-blocks of an operand whose max would have clipped at 6 without the 3/4
+  prescale (max · 2^-e in (6, 8)); zero_frac: fraction of nonzero operand entries flushed to zero.
+
+A guard (off by default) switches a GEMM of a layer to the unquantized backward when its SNR stays
+below a threshold for `patience` consecutive checks, and a schedule can run the last fraction of
+steps unquantized. Statistics are averaged over all ranks before any decision, so every rank of a
+tensor-/data-parallel job takes the same decision at the same step.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .numerics import format as fmt
+from .numerics.rht import apply_rht
+
+STAT_NAMES = ("rel_err", "cosine", "snr", "clip_frac_a", "clip_frac_b", "zero_frac_a", "zero_frac_b")
+
+
+def gemm_error_stats(exact: torch.Tensor, approx: torch.Tensor) -> Dict[str, float]:
+    """rel_err, cosine and snr of an approximate GEMM output against the exact one (float64 math)."""
+    g, q = exact.double().flatten(), approx.double().flatten()
+    err = (q - g).norm()
+    gn = g.norm()
+    cos = (g @ q) / (gn * q.norm()).clamp_min(1e-300)
+    return dict(rel_err=(err / gn.clamp_min(1e-300)).item(), cosine=cos.item(),
+                snr=(gn / err.clamp_min(1e-300)).item())
+
+
+def operand_stats(x: torch.Tensor, signs: Optional[torch.Tensor], codes: torch.Tensor) -> Tuple[float, float]:
+    """(clip_frac, zero_frac) of operand `x` [M, K] quantized along K into `codes` [M, K].
+
+    clip_frac counts blocks whose scaled max lies in (6, 8), i.e. that round-to-nearest without the
+    3/4 prescale would clip; zero_frac counts nonzero (rotated) entries whose code is ±0.
+    """
+    y = x.to(torch.float32)
+    if signs is not None:
+        y = apply_rht(y, signs)
+    blocks = y.reshape(y.shape[0], -1, fmt.BLOCK)
+    finite = torch.isfinite(blocks).all(-1)
+    amax = torch.where(finite.unsqueeze(-1), blocks.abs(), torch.zeros_like(blocks)).amax(-1)
+    scaled_max = amax * fmt.exp2_int(-fmt.shared_exponent(amax))
+    clip = ((scaled_max > fmt.E2M1_MAX) & finite).double().mean().item()
+    nonzero = y != 0
+    flushed = nonzero & ((codes & 0x7) == 0)
+    zero = (flushed.sum() / nonzero.sum().clamp_min(1)).item()
+    return clip, zero
+
+
+@dataclass
+class _GuardState:
+    low_checks: int = 0
+    switched_at: Optional[int] = None
+
+
+@dataclass
+class MXFP4Monitor:
+    """Samples GEMM statistics, logs them, and (optionally) guards against low-SNR GEMMs.
+
+    interval: sample every `interval` steps (0 = never). snr_threshold/patience: the guard (None = off).
+    unquantized_tail: run the last fraction of `total_steps` with an unquantized backward.
+    jsonl_path: append one JSON record per sampled (step, layer, GEMM) and one per guard switch.
+    group: the process group whose ranks must agree (None = the default group when initialized).
+    """
+
+    interval: int = 100
+    snr_threshold: Optional[float] = None
+    patience: int = 3
+    unquantized_tail: float = 0.0
+    total_steps: Optional[int] = None
+    jsonl_path: Optional[str] = None
+    group: Optional[object] = None
+    step: int = 0
+    _pending: Dict[Tuple[str, str], Dict[str, float]] = field(default_factory=dict)
+    _guards: Dict[Tuple[str, str], _GuardState] = field(default_factory=dict)
+    history: List[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.interval < 0:
+            raise ValueError(f"interval must be >= 0, got {self.interval}")
+        if self.patience < 1:
+            raise ValueError(f"patience must be >= 1, got {self.patience}")
+        if not 0.0 <= self.unquantized_tail < 1.0:
+            raise ValueError(f"unquantized_tail must be in [0, 1), got {self.unquantized_tail}")
+        if self.unquantized_tail and not self.total_steps:
+            raise ValueError("unquantized_tail needs total_steps")
+
+    # --- asked by the backward -------------------------------------------------------------
+    @property
+    def sampling(self) -> bool:
+        """Whether the current step is a sampled one (exact GEMMs are computed beside MXFP4)."""
+        return self.interval > 0 and self.step % self.interval == 0 and not self.in_tail
+
+    @property
+    def in_tail(self) -> bool:
+        return bool(self.unquantized_tail) and self.step >= round(self.total_steps * (1 - self.unquantized_tail))
+
+    def quantized(self, layer: str, gemm: str) -> bool:
+        """False when this GEMM of this layer runs unquantized (guard switch or tail schedule)."""
+        if self.in_tail:
+            return False
+        state = self._guards.get((layer, gemm))
+        return state is None or state.switched_at is None
+
+    def record(self, layer: str, gemm: str, stats: Dict[str, float]) -> None:
+        """Keep the statistics of one GEMM of one layer for this step (the first micro-batch wins)."""
+        self._pending.setdefault((layer, gemm), stats)
+
+    # --- called by the training loop ----------------------------------------------------------
+    def end_step(self) -> List[dict]:
+        """Reduce this step's statistics over ranks, update the guard, log, and advance the step."""
+        records = []
+        if self._pending:
+            keys = sorted(self._pending)
+            vals = torch.tensor([[self._pending[k].get(s, float("nan")) for s in STAT_NAMES] for k in keys],
+                                dtype=torch.float64)
+            vals = self._mean_over_ranks(vals)
+            for (layer, gemm), row in zip(keys, vals.tolist()):
+                rec = dict(step=self.step, layer=layer, gemm=gemm, **dict(zip(STAT_NAMES, row)))
+                records.append(rec)
+                self._update_guard(layer, gemm, rec, records)
+            self._pending.clear()
+        self.history.extend(records)
+        if self.jsonl_path and records:
+            with open(self.jsonl_path, "a") as f:
+                for r in records:
+                    f.write(json.dumps(r) + "\n")
+        self.step += 1
+        return records
+
+    def switched(self) -> Dict[Tuple[str, str], int]:
+        """{(layer, gemm): step} of every GEMM the guard switched to the unquantized backward."""
+        return {k: v.switched_at for k, v in self._guards.items() if v.switched_at is not None}
+
+    def _update_guard(self, layer, gemm, rec, records) -> None:
+        if self.snr_threshold is None:
+            return
+        state = self._guards.setdefault((layer, gemm), _GuardState())
+        if state.switched_at is not None:
+            return
+        state.low_checks = state.low_checks + 1 if rec["snr"] < self.snr_threshold else 0
+        if state.low_checks >= self.patience:
+            state.switched_at = self.step
+            records.append(dict(step=self.step, layer=layer, gemm=gemm, event="switched_to_unquantized",
+                                snr=rec["snr"], threshold=self.snr_threshold, patience=self.patience))
+
+    def _mean_over_ranks(self, vals: torch.Tensor) -> torch.Tensor:
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()):
+            return vals
+        backend = dist.get_backend(self.group)
+        t = vals.to("cuda") if backend == "nccl" else vals
+        dist.all_reduce(t, group=self.group)
+        return (t / dist.get_world_size(self.group)).cpu()
+
+
+def measure_gemm(monitor: Optional[MXFP4Monitor], layer: Optional[str], gemm: str, exact_fn, approx: torch.Tensor,
+                 a: torch.Tensor, a_codes, b: torch.Tensor, b_codes, signs) -> None:
+    """Record the statistics of one GEMM when `monitor` is sampling (the exact product is computed lazily)."""
+    if monitor is None or layer is None or not monitor.sampling:
+        return
+    stats = gemm_error_stats(exact_fn(), approx)
+    stats["clip_frac_a"], stats["zero_frac_a"] = operand_stats(a, signs, a_codes)
+    stats["clip_frac_b"], stats["zero_frac_b"] = operand_stats(b, signs, b_codes)
+    monitor.record(layer, gemm, stats)

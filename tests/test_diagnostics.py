@@ -1,0 +1,103 @@
+"""Diagnostics: statistics on synthetic gradients with known noise, the guard, rank agreement."""
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from megatron_mxfp4 import quantize_mxfp4
+from megatron_mxfp4.diagnostics import MXFP4Monitor, gemm_error_stats, operand_stats
+
+
+def test_error_stats_recover_known_snr():
+    g = torch.Generator().manual_seed(0)
+    exact = torch.randn(256, 256, generator=g)
+    for snr in (0.5, 2.0, 10.0):
+        noise = torch.randn(256, 256, generator=g)
+        noise *= exact.norm() / (snr * noise.norm())
+        s = gemm_error_stats(exact, exact + noise)
+        assert s["snr"] == pytest.approx(snr, rel=1e-5)
+        assert s["rel_err"] == pytest.approx(1 / snr, rel=1e-5)
+        # independent noise: cos = 1 / sqrt(1 + 1/snr²) up to sampling (65k entries: ±1%)
+        assert s["cosine"] == pytest.approx((1 + snr**-2) ** -0.5, rel=0.02)
+
+
+def test_operand_stats_count_clipping_blocks_and_flushes():
+    x = torch.ones(2, 64)
+    x[0, 0] = 7.0  # block 0: max 7 = 7·2^0 → would clip without the prescale
+    x[1, 32] = 4.0  # block 3: max 4 → fine
+    x[1, 33:40] = 1e-6  # tiny entries beside a large max → flushed to zero
+    q = quantize_mxfp4(x, rounding="rtn")
+    clip, zero = operand_stats(x, None, q.codes())
+    assert clip == pytest.approx(1 / 4)
+    assert zero == pytest.approx(7 / 128)
+
+
+def _feed(mon, snrs):
+    for snr in snrs:
+        if mon.sampling:
+            mon.record("layers.0.fc1", "wgrad", dict(snr=snr, rel_err=1 / snr))
+        mon.end_step()
+
+
+def test_guard_switches_exactly_after_patience_low_checks():
+    mon = MXFP4Monitor(interval=1, snr_threshold=2.0, patience=3)
+    _feed(mon, [5, 1, 1, 5, 1, 1])  # interrupted run of low checks: no switch
+    assert mon.switched() == {} and mon.quantized("layers.0.fc1", "wgrad")
+    _feed(mon, [1])  # third consecutive low check at step 6
+    assert mon.switched() == {("layers.0.fc1", "wgrad"): 6}
+    assert not mon.quantized("layers.0.fc1", "wgrad") and mon.quantized("layers.0.fc1", "dgrad")
+    assert any(r.get("event") == "switched_to_unquantized" for r in mon.history)
+
+
+def test_guard_off_by_default_and_sampling_interval():
+    mon = MXFP4Monitor(interval=4)
+    sampled = []
+    for step in range(9):
+        sampled.append(mon.sampling)
+        if mon.sampling:
+            mon.record("l", "dgrad", dict(snr=0.1))
+        mon.end_step()
+    assert sampled == [True, False, False, False, True, False, False, False, True]
+    assert mon.switched() == {} and len(mon.history) == 3
+
+
+def test_unquantized_tail_schedule():
+    mon = MXFP4Monitor(interval=0, unquantized_tail=0.25, total_steps=8)
+    flags = []
+    for _ in range(8):
+        flags.append(mon.quantized("l", "dgrad"))
+        mon.end_step()
+    assert flags == [True] * 6 + [False] * 2
+    with pytest.raises(ValueError, match="total_steps"):
+        MXFP4Monitor(unquantized_tail=0.1)
+
+
+def test_jsonl_log(tmp_path):
+    path = tmp_path / "diag.jsonl"
+    mon = MXFP4Monitor(interval=1, jsonl_path=str(path))
+    _feed(mon, [3.0, 4.0])
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["snr"] for r in rows] == [3.0, 4.0] and rows[1]["step"] == 1
+
+
+def _rank_worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    mon = MXFP4Monitor(interval=1, snr_threshold=2.0, patience=2)
+    # Rank 0 sees low SNR, rank 1 high: the mean (1.5 then 2.5, ...) decides identically on both.
+    per_rank = {0: [1.0, 1.0, 1.0, 1.0], 1: [2.0, 4.0, 2.5, 2.5]}[rank]
+    _feed(mon, per_rank)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"switched": {f"{k[0]}/{k[1]}": v for k, v in mon.switched().items()},
+                   "snr": [r["snr"] for r in mon.history if "event" not in r]}, f)
+    dist.destroy_process_group()
+
+
+def test_guard_decisions_agree_across_two_ranks(tmp_path):
+    mp.spawn(_rank_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0 == r1
+    assert r0["snr"] == [1.5, 2.5, 1.75, 1.75]
+    assert r0["switched"] == {"layers.0.fc1/wgrad": 3}
