@@ -1,0 +1,141 @@
+"""MXFP4 GEMM on Hopper (sm_90) FP8 tensor cores (DESIGN §2.5, §4).
+
+Every E2M1 value is exact in FP8 E4M3, so an MXFP4 product can run on the FP8 tensor cores.
+Two backends:
+
+`hopper` (fast; error ≤ 5e-4 relative, DESIGN §2.5): each operand becomes E4M3 codes with the
+block exponents folded in relative to their 1×128 tile + one float32 scale per tile
+(`layouts`, "tiles"), multiplied by cuBLASLt's FP8 GEMM with 1×128 block scaling on both operands
+(`torch.nn.functional.scaled_mm`, `ScalingType.BlockWise1x128`). The tensor core adds products of
+the four blocks of a tile before the scale is applied and drops low bits when their exponents
+differ (measured 8e-5 at a 4-binade spread, 1.9e-4 at 8). K-slabs in which some row-tile of either
+operand spans more than 8 binades cannot be folded exactly: their codes are zeroed and their
+product is added by the exact kernel (per-slab fallback, warned about once).
+
+`hopper_exact` (exact; ≤ 1e-5, float32 summation order only): the Triton FP8 kernel of
+`triton_gemm` with promotion to float32 every 32 K, so products of different block scales never
+meet inside the tensor core. Variant "tiles" (default) uses the same folded operands with the scale
+applied per 128 K and the same per-slab fallback; variant "blocks" uses plain E2M1 codes with one
+scale per 32-block (no fallback needed).
+
+alpha is applied in the epilogue (folded into B's tile scales on the cuBLASLt path); BF16/FP32
+output; `accumulate_into` adds to an FP32 main_grad in place.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+
+from ..numerics.quantize import MXFP4Tensor, gemm_alpha
+from .dispatch import register_gemm
+from .layouts import TILE, take_slabs
+from .triton_gemm import fp8_scaled_gemm, to_e4m3, triton_unavailable
+
+#: Which exact kernel `hopper_exact` runs: "tiles" (folded codes, scale per 128 K) or "blocks".
+EXACT_VARIANT = "tiles"
+
+_warned = set()
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def _blockwise_api():
+    try:
+        from torch.nn.functional import ScalingType, scaled_mm
+
+        return scaled_mm, ScalingType.BlockWise1x128
+    except (ImportError, AttributeError):
+        return None
+
+
+def _sm90_reason(t: torch.Tensor) -> Optional[str]:
+    reason = triton_unavailable(t, (9, 0))
+    if reason is not None:
+        return reason
+    cap = torch.cuda.get_device_capability(t.device)
+    if cap != (9, 0):
+        return f"the Hopper FP8 path is built for compute capability 9.0, found {cap[0]}.{cap[1]}"
+    return None
+
+
+def hopper_supports(t: torch.Tensor) -> Optional[str]:
+    reason = _sm90_reason(t)
+    if reason is None and _blockwise_api() is None:
+        reason = (f"torch {torch.__version__} lacks torch.nn.functional.scaled_mm with "
+                  "ScalingType.BlockWise1x128 (needs torch >= 2.10)")
+    return reason
+
+
+def _finish(out: torch.Tensor, out_dtype, accumulate_into):
+    if accumulate_into is not None:
+        if out is not accumulate_into:
+            accumulate_into.add_(out)
+        return accumulate_into
+    return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
+def _add_bad_slabs(a: MXFP4Tensor, b: MXFP4Tensor, bad: torch.Tensor, alpha_t: float, out: torch.Tensor) -> None:
+    """out (float32) += alpha_t · A[:, S]·B[:, S]ᵀ over the flagged K-slabs S, exactly (32-K promotion)."""
+    slabs = bad.nonzero().flatten()
+    sa, sb = take_slabs(a, slabs), take_slabs(b, slabs)
+    fp8_scaled_gemm(to_e4m3(sa, 32), to_e4m3(sb, 32), torch.float32, alpha_t, accumulate_into=out)
+
+
+def _tiles_or_fallback(a: MXFP4Tensor, b: MXFP4Tensor, mult_b: float):
+    oa = to_e4m3(a, TILE)
+    ob = to_e4m3(b, TILE, mult=mult_b)
+    bad = oa.bad | ob.bad
+    nbad = int(bad.sum())
+    if nbad:
+        _warn_once("bad_slabs", "megatron_mxfp4: some 128-column K-slabs hold a tile whose block exponents span "
+                                "more than 8 binades; those slabs are computed on the exact 32-K path")
+    return oa, ob, bad, nbad
+
+
+def exact_gemm(a: MXFP4Tensor, b: MXFP4Tensor, out_dtype=torch.float32, alpha: float = 1.0,
+               accumulate_into: Optional[torch.Tensor] = None, variant: Optional[str] = None) -> torch.Tensor:
+    """The `hopper_exact` backend (see the module docstring)."""
+    variant = variant or EXACT_VARIANT
+    alpha_t = gemm_alpha(a, b, alpha)
+    if variant == "blocks":
+        return fp8_scaled_gemm(to_e4m3(a, 32), to_e4m3(b, 32), out_dtype, alpha_t, accumulate_into)
+    if variant != "tiles":
+        raise ValueError(f"variant must be 'tiles' or 'blocks', got {variant!r}")
+    oa, ob, bad, nbad = _tiles_or_fallback(a, b, 1.0)
+    if not nbad:
+        return fp8_scaled_gemm(oa, ob, out_dtype, alpha_t, accumulate_into)
+    out = fp8_scaled_gemm(oa, ob, torch.float32, alpha_t, accumulate_into)
+    _add_bad_slabs(a, b, bad, alpha_t, out)
+    return _finish(out, out_dtype, accumulate_into)
+
+
+def hopper_gemm(a: MXFP4Tensor, b: MXFP4Tensor, out_dtype=torch.float32, alpha: float = 1.0,
+                accumulate_into: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The `hopper` backend: cuBLASLt FP8 with 1×128 tile scales + exact per-slab fallback."""
+    M, N = a.shape[0], b.shape[0]
+    if M % 16 or N % 16:
+        _warn_once("align", f"megatron_mxfp4: hopper GEMM needs M and N multiples of 16 (got M={M}, N={N}); "
+                            "using the exact Triton kernel instead")
+        return exact_gemm(a, b, out_dtype, alpha, accumulate_into)
+    scaled_mm, blockwise = _blockwise_api()
+    alpha_t = gemm_alpha(a, b, alpha)
+    oa, ob, bad, nbad = _tiles_or_fallback(a, b, alpha_t)
+    fp32 = accumulate_into is not None or nbad > 0
+    if nbad == bad.numel():
+        out = torch.zeros((M, N), dtype=torch.float32, device=a.data.device)
+    else:
+        out = scaled_mm(oa.codes, ob.codes.t(), oa.scales.t(), blockwise, ob.scales.t(), blockwise,
+                        output_dtype=torch.float32 if fp32 else out_dtype)
+    if nbad:
+        _add_bad_slabs(a, b, bad, alpha_t, out)
+    return _finish(out, out_dtype, accumulate_into)
+
+
+register_gemm("hopper", hopper_gemm, hopper_supports, priority=30)
+register_gemm("hopper_exact", exact_gemm, _sm90_reason, priority=20)

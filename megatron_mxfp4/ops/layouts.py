@@ -1,0 +1,187 @@
+"""Operand layouts that the GEMM backends consume, converted from an `MXFP4Tensor` (plain PyTorch).
+
+These functions are the reference twins of the Triton conversion kernel (`triton_gemm.to_e4m3`)
+and the only layout code of the Blackwell path; they run on CPU and on CUDA tensors.
+
+**Hopper: E4M3 codes + one float32 scale per tile** (`to_e4m3_reference`). Every E2M1 value is
+exact in FP8 E4M3, so an MXFP4 operand [R, K] becomes FP8 codes [R, Kp] (Kp = K rounded up to the
+tile, zero-padded) and float32 scales stored as [Kp / tile, R] (so `scales.t()` is the
+column-major [R, Kp / tile] matrix that cuBLASLt's 1×128 block scaling wants):
+
+- `tile=32`  ("blocks"): codes are the plain E2M1 values; the scale of block j is 2^e_j. Always exact.
+- `tile=128` ("tiles"): the four block exponents of a 1×128 tile are folded into the codes
+  relative to the tile's largest exponent: code = v · 2^(e_j − e_max), scale = 2^e_max. Exact in
+  E4M3 (down to its smallest subnormal 2^-9) while every non-zero block of the tile lies at most
+  8 binades below e_max. A tile that spans more ("bad") cannot be folded: its row-tile is zeroed
+  and its K-slab flagged in `bad` (one flag per 128-column slab, for any row); the GEMM adds the
+  exact product of the flagged slabs separately (per-slab fallback, `hopper_gemm`).
+
+All-zero blocks do not count for e_max or the span (their exponent is irrelevant). A block with the
+NaN scale (0xFF) makes its whole tile's scale NaN, so the GEMM's row turns NaN as in the reference.
+A tile without any non-zero finite block gets e_max = 0.
+
+**Blackwell: E8M0 scales in the 128×4 swizzled layout** (`blackwell_scale_layout`) that cuBLASLt's
+1-D block scaling (and `torch._scaled_mm` with `float4_e2m1fn_x2`) reads: the [R, K/32] scale
+matrix is padded to [ceil(R/128)·128, ceil(K/32/4)·4]; each 128×4 block is stored as 512
+contiguous bytes, blocks in row-major order, and inside a block element (r, c) sits at
+(r mod 32)·16 + (r div 32)·4 + c.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..numerics import format as fmt
+from ..numerics.quantize import MXFP4Tensor
+
+TILE = 128
+#: Largest number of binades a non-zero block may lie below its tile's top exponent for the fold to be exact.
+MAX_TILE_SPAN = 8
+#: Padding value for E8M0 scales outside the matrix (2^0).
+_E8M0_ONE = fmt.E8M0_BIAS
+
+
+@dataclass(frozen=True)
+class E4M3Operand:
+    """An MXFP4 operand as FP8 E4M3 codes + float32 scales (see the module docstring).
+
+    codes [R, Kp] float8_e4m3fn; scales [Kp / tile, R] float32; bad [Kp / tile] bool (tile=128: K-slabs
+    with a row-tile spanning more than 8 binades, whose codes are zeroed; tile=32: all False); k = K.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    bad: torch.Tensor
+    tile: int
+    k: int
+
+
+def _check_operand(t: MXFP4Tensor, what: str = "operand") -> None:
+    if not isinstance(t, MXFP4Tensor):
+        raise TypeError(f"{what} must be an MXFP4Tensor, got {type(t).__name__}")
+    if len(t.shape) != 2 or t.dim != 1:
+        raise ValueError(f"{what} must be 2-d and quantized along its last dim, got shape {t.shape} "
+                         f"quantized along dim {t.dim}")
+
+
+def _pow2(e: torch.Tensor) -> torch.Tensor:
+    """2^e (float32, exact) for integer e in [-127, 127] (2^-127 is a float32 subnormal)."""
+    e = e.to(torch.int32)
+    bits = torch.where(e >= -126, (e + fmt.E8M0_BIAS) << 23, torch.full_like(e, 0x00400000))
+    return bits.view(torch.float32)
+
+
+def to_e4m3_reference(t: MXFP4Tensor, tile: int = TILE) -> E4M3Operand:
+    """Convert a [R, K] MXFP4Tensor (quantized along K) to E4M3 codes + per-`tile` float32 scales."""
+    _check_operand(t)
+    if tile not in (fmt.BLOCK, TILE):
+        raise ValueError(f"tile must be {fmt.BLOCK} or {TILE}, got {tile}")
+    R, K = t.shape
+    kp = -(-K // tile) * tile
+    codes = t.codes().to(torch.int64)                       # [R, K]
+    vals = fmt.e2m1_table(codes.device)[codes]              # E2M1 values, float32
+    s = t.scales.to(torch.int32)                            # [R, K/32]
+    if kp != K:
+        vals = torch.nn.functional.pad(vals, (0, kp - K))
+        s = torch.nn.functional.pad(s, (0, (kp - K) // fmt.BLOCK), value=_E8M0_ONE)
+    nan_blk = s == fmt.E8M0_NAN
+    e = s - fmt.E8M0_BIAS                                   # block exponents [R, Kp/32]
+    nb = kp // fmt.BLOCK
+    if tile == fmt.BLOCK:
+        scale = torch.where(nan_blk, torch.full(e.shape, float("nan"), device=e.device), _pow2(e.clamp(max=127)))
+        vals = torch.where(nan_blk.repeat_interleave(fmt.BLOCK, 1), torch.zeros_like(vals), vals)
+        bad = torch.zeros(nb, dtype=torch.bool, device=e.device)
+        return E4M3Operand(vals.to(torch.float8_e4m3fn), scale.t().contiguous(), bad, tile, K)
+
+    per = TILE // fmt.BLOCK
+    nt = kp // TILE
+    blk_nonzero = (vals.reshape(R, nb, fmt.BLOCK) != 0).any(-1) & ~nan_blk
+    e_live = torch.where(blk_nonzero, e, torch.full_like(e, -1000)).reshape(R, nt, per)
+    e_max = e_live.amax(-1)                                  # [R, nt]
+    e_min = torch.where(blk_nonzero, e, torch.full_like(e, 1000)).reshape(R, nt, per).amin(-1)
+    live = e_max > -1000
+    e_top = torch.where(live, e_max, torch.zeros_like(e_max))
+    bad_rt = live & (e_max - e_min > MAX_TILE_SPAN)          # [R, nt]
+    d = (e.reshape(R, nt, per) - e_top.unsqueeze(-1)).clamp(-30, 0)
+    folded = vals.reshape(R, nt, per, fmt.BLOCK) * _pow2(d).unsqueeze(-1)
+    keep = (~nan_blk.reshape(R, nt, per) & ~bad_rt.unsqueeze(-1)).unsqueeze(-1)
+    folded = torch.where(keep, folded, torch.zeros_like(folded)).reshape(R, kp)
+    bad = bad_rt.any(0)
+    folded = folded.reshape(R, nt, TILE)
+    folded[:, bad] = 0.0                                     # the slab is added exactly elsewhere
+    tile_nan = nan_blk.reshape(R, nt, per).any(-1)
+    scale = torch.where(tile_nan, torch.full(e_top.shape, float("nan"), device=e.device), _pow2(e_top))
+    return E4M3Operand(folded.reshape(R, kp).to(torch.float8_e4m3fn), scale.t().contiguous(), bad, tile, K)
+
+
+def e4m3_dequantize(op: E4M3Operand) -> torch.Tensor:
+    """codes · scale as float32 [R, K] (the bad slabs of a tile=128 operand read as zero)."""
+    r = op.codes.shape[0]
+    v = op.codes.to(torch.float32).reshape(r, -1, op.tile) * op.scales.t().unsqueeze(-1)
+    return v.reshape(r, -1)[:, :op.k]
+
+
+def slab_columns(slabs: torch.Tensor, tile: int = TILE) -> torch.Tensor:
+    """Element column indices of the K-slabs `slabs` (int64, sorted)."""
+    return (slabs.to(torch.int64).unsqueeze(1) * tile + torch.arange(tile, device=slabs.device)).reshape(-1)
+
+
+def take_slabs(t: MXFP4Tensor, slabs: torch.Tensor, tile: int = TILE) -> MXFP4Tensor:
+    """The sub-operand of `t` holding only the K-slabs `slabs` (a 1-d index tensor), in order.
+
+    The last slab may be partial (K not a multiple of the tile); its missing columns are zero codes.
+    """
+    _check_operand(t)
+    R, K = t.shape
+    kp = -(-K // tile) * tile
+    data, scales = t.data, t.scales
+    if kp != K:
+        data = torch.nn.functional.pad(data, (0, (kp - K) // 2))
+        scales = torch.nn.functional.pad(scales, (0, (kp - K) // fmt.BLOCK), value=_E8M0_ONE)
+    per_b, per_s = tile // 2, tile // fmt.BLOCK
+    slabs = slabs.to(torch.int64)
+    data = data.reshape(R, -1, per_b)[:, slabs].reshape(R, -1)
+    scales = scales.reshape(R, -1, per_s)[:, slabs].reshape(R, -1)
+    return MXFP4Tensor(data=data.contiguous(), scales=scales.contiguous(), prescale=t.prescale, dim=1,
+                       shape=(R, slabs.numel() * tile), rht_block=0, signs=None)
+
+
+# ------------------------------------------------------------------------------------------------
+# Blackwell: swizzled E8M0 scales
+# ------------------------------------------------------------------------------------------------
+
+def blackwell_scale_shape(rows: int, k: int):
+    """(padded rows, padded scale columns) of the swizzled scale matrix for a [rows, k] operand."""
+    if k % fmt.BLOCK:
+        raise ValueError(f"K={k} must be a multiple of the MX block {fmt.BLOCK}")
+    return -(-rows // 128) * 128, -(-(k // fmt.BLOCK) // 4) * 4
+
+
+def blackwell_scale_offset(r: int, c: int, padded_cols: int) -> int:
+    """Byte offset of scale (r, c) in the swizzled layout (the formula of the module docstring)."""
+    block = (r // 128) * (padded_cols // 4) + c // 4
+    rr, cc = r % 128, c % 4
+    return block * 512 + (rr % 32) * 16 + (rr // 32) * 4 + cc
+
+
+def blackwell_scale_layout(scales: torch.Tensor) -> torch.Tensor:
+    """[R, C] uint8 E8M0 scales -> the flat swizzled uint8 layout (padding holds 2^0)."""
+    if scales.dim() != 2 or scales.dtype != torch.uint8:
+        raise ValueError(f"scales must be a 2-d uint8 tensor, got {scales.dtype} {tuple(scales.shape)}")
+    R, C = scales.shape
+    rp, cp = -(-R // 128) * 128, -(-C // 4) * 4
+    padded = torch.full((rp, cp), _E8M0_ONE, dtype=torch.uint8, device=scales.device)
+    padded[:R, :C] = scales
+    # row = rb·128 + g·32 + i, col = cb·4 + j  ->  ((rb, cb) block, i, g, j)
+    blocks = padded.reshape(rp // 128, 4, 32, cp // 4, 4).permute(0, 3, 2, 1, 4)
+    return blocks.reshape(-1).contiguous()
+
+
+def blackwell_scale_unlayout(flat: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Inverse of `blackwell_scale_layout`: the [rows, cols] scale matrix."""
+    rp, cp = -(-rows // 128) * 128, -(-cols // 4) * 4
+    if flat.numel() != rp * cp:
+        raise ValueError(f"expected {rp * cp} swizzled scales for [{rows}, {cols}], got {flat.numel()}")
+    blocks = flat.reshape(rp // 128, cp // 4, 32, 4, 4).permute(0, 3, 2, 1, 4)
+    return blocks.reshape(rp, cp)[:rows, :cols]
