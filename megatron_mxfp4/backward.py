@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from . import diagnostics
 from .numerics.format import BLOCK
 from .numerics.rht import draw_signs
 from .numerics.streams import Gemm, Operand, stream_offset
@@ -24,11 +25,13 @@ from .recipe import MXFP4Recipe
 
 @dataclass(frozen=True)
 class StreamKey:
-    """Identifies the random bits of one call of one layer: (seed, layer id, call index)."""
+    """Identifies one call of one layer: its random bits (seed, layer id, call index) and, for
+    diagnostics, the layer's name ("" = not reported)."""
 
     seed: int
     layer: int
     call: int
+    name: str = ""
 
     def offset(self, gemm: Gemm, operand: Operand) -> int:
         return stream_offset(self.layer, self.call, gemm, operand)
@@ -66,17 +69,27 @@ def _quantize(t: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey, gemm: Gemm, 
 
 def dgrad(dy: torch.Tensor, weight: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey) -> torch.Tensor:
     """dX = dY · W (float32) with both operands in MXFP4 along out. dy [T, out], weight [out, in]."""
+    exact = lambda: dy.float() @ weight.float()  # noqa: E731
+    if not diagnostics.gemm_quantized(key.name, "dgrad"):
+        return exact()
     check_reduction_dim(dy.shape[1], recipe, "dgrad reduction (output features)")
     signs = gemm_signs(recipe, key, Gemm.DGRAD, dy.device)
     a = _quantize(dy, recipe, key, Gemm.DGRAD, Operand.GRAD_OUTPUT, signs)
     b = _quantize(weight.t(), recipe, key, Gemm.DGRAD, Operand.WEIGHT, signs)
-    return mxfp4_gemm(a, b, out_dtype=torch.float32, backend=recipe.gemm_backend)
+    out = mxfp4_gemm(a, b, out_dtype=torch.float32, backend=recipe.gemm_backend)
+    diagnostics.measure_gemm(key.name, "dgrad", exact, out, dy, a, weight.t(), b, signs)
+    return out
 
 
 def wgrad(dy: torch.Tensor, x: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey) -> torch.Tensor:
     """dW = dYᵀ · X (float32) with both operands in MXFP4 along tokens. dy [T, out], x [T, in]."""
+    exact = lambda: dy.t().float() @ x.float()  # noqa: E731
+    if not diagnostics.gemm_quantized(key.name, "wgrad"):
+        return exact()
     check_reduction_dim(dy.shape[0], recipe, "wgrad reduction (tokens = sequence × micro-batch)")
     signs = gemm_signs(recipe, key, Gemm.WGRAD, dy.device)
     a = _quantize(dy.t(), recipe, key, Gemm.WGRAD, Operand.GRAD_OUTPUT, signs)
     b = _quantize(x.t(), recipe, key, Gemm.WGRAD, Operand.INPUT, signs)
-    return mxfp4_gemm(a, b, out_dtype=torch.float32, backend=recipe.gemm_backend)
+    out = mxfp4_gemm(a, b, out_dtype=torch.float32, backend=recipe.gemm_backend)
+    diagnostics.measure_gemm(key.name, "wgrad", exact, out, dy.t(), a, x.t(), b, signs)
+    return out

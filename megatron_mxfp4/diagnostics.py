@@ -163,12 +163,34 @@ class MXFP4Monitor:
         return (t / dist.get_world_size(self.group)).cpu()
 
 
-def measure_gemm(monitor: Optional[MXFP4Monitor], layer: Optional[str], gemm: str, exact_fn, approx: torch.Tensor,
-                 a: torch.Tensor, a_codes, b: torch.Tensor, b_codes, signs) -> None:
-    """Record the statistics of one GEMM when `monitor` is sampling (the exact product is computed lazily)."""
-    if monitor is None or layer is None or not monitor.sampling:
+_active: Optional[MXFP4Monitor] = None
+
+
+def set_active_monitor(monitor: Optional[MXFP4Monitor]) -> None:
+    """Install the monitor every MXFP4 backward of this process reports to (None: no diagnostics)."""
+    global _active
+    _active = monitor
+
+
+def active_monitor() -> Optional[MXFP4Monitor]:
+    return _active
+
+
+def gemm_quantized(layer: str, gemm: str) -> bool:
+    """False when the active monitor's guard or tail schedule runs this GEMM unquantized."""
+    return _active is None or not layer or _active.quantized(layer, gemm)
+
+
+def measure_gemm(layer: str, gemm: str, exact_fn, approx: torch.Tensor, a: torch.Tensor, qa, b: torch.Tensor, qb,
+                 signs: Optional[torch.Tensor]) -> None:
+    """Record one GEMM's statistics when the active monitor samples this step.
+
+    `exact_fn()` computes the exact product (only when sampling); a, b are the unquantized operands
+    [M, K], [N, K] and qa, qb their MXFP4Tensors.
+    """
+    if _active is None or not layer or not _active.sampling:
         return
     stats = gemm_error_stats(exact_fn(), approx)
-    stats["clip_frac_a"], stats["zero_frac_a"] = operand_stats(a, signs, a_codes)
-    stats["clip_frac_b"], stats["zero_frac_b"] = operand_stats(b, signs, b_codes)
-    monitor.record(layer, gemm, stats)
+    stats["clip_frac_a"], stats["zero_frac_a"] = operand_stats(a, signs, qa.codes())
+    stats["clip_frac_b"], stats["zero_frac_b"] = operand_stats(b, signs, qb.codes())
+    _active.record(layer, gemm, stats)

@@ -96,18 +96,19 @@ def mxfp4_linear(
     *,
     layer_id: int = 0,
     call_index: Optional[int] = None,
+    name: str = "",
 ) -> torch.Tensor:
     """`F.linear` whose backward GEMMs run in MXFP4 under `recipe`.
 
     x [..., in], weight [out, in]. dgrad reduces over `out` and wgrad over the flattened tokens of
     x: both must be multiples of 32 (and of the RHT block). `call_index` selects the random
-    stream; by default each call takes a fresh one.
+    stream; by default each call takes a fresh one. `name` labels the layer in diagnostics.
     """
     _check_linear_inputs(x, weight, bias)
     if recipe is None:
         return F.linear(x, weight, bias)
     call = next(_functional_calls) if call_index is None else call_index
-    key = bwd.StreamKey(derive_seed(recipe.seed, data_parallel_rank()), layer_id, call)
+    key = bwd.StreamKey(derive_seed(recipe.seed, data_parallel_rank()), layer_id, call, name)
     return MXFP4LinearFunction.apply(x, weight, bias, recipe, key)
 
 
@@ -123,6 +124,7 @@ class MXFP4Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.recipe = recipe
         self.layer_id = (next(_layer_ids) % (1 << 16)) if layer_id is None else layer_id
+        self.mxfp4_name = f"linear{self.layer_id}"  # convert_linears sets the qualified name
         self._calls = 0
         if recipe is not None and recipe.dgrad:
             bwd.check_reduction_dim(out_features, recipe,
@@ -143,7 +145,8 @@ class MXFP4Linear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         call = self._calls
         self._calls += 1
-        return mxfp4_linear(x, self.weight, self.bias, self.recipe, layer_id=self.layer_id, call_index=call)
+        return mxfp4_linear(x, self.weight, self.bias, self.recipe, layer_id=self.layer_id, call_index=call,
+                            name=self.mxfp4_name)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, recipe={self.recipe}"
@@ -164,5 +167,7 @@ def convert_linears(model: nn.Module, recipe: Optional[MXFP4Recipe] = MXFP4Recip
     for layer_id, (name, m) in enumerate(targets):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, MXFP4Linear.from_linear(m, recipe, layer_id=layer_id % (1 << 16)))
+        new = MXFP4Linear.from_linear(m, recipe, layer_id=layer_id % (1 << 16))
+        new.mxfp4_name = name
+        setattr(parent, child, new)
     return model

@@ -101,3 +101,30 @@ def test_guard_decisions_agree_across_two_ranks(tmp_path):
     assert r0 == r1
     assert r0["snr"] == [1.5, 2.5, 1.75, 1.75]
     assert r0["switched"] == {"layers.0.fc1/wgrad": 3}
+
+
+def test_monitor_sees_every_gemm_of_a_converted_model_and_guard_switches():
+    from torch import nn
+
+    from megatron_mxfp4 import MXFP4Recipe, convert_linears
+    from megatron_mxfp4.diagnostics import set_active_monitor
+
+    torch.manual_seed(0)
+    model = convert_linears(nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)), MXFP4Recipe())
+    # Threshold above any achievable SNR: the guard must switch every GEMM after `patience` checks.
+    mon = MXFP4Monitor(interval=1, snr_threshold=1e9, patience=2)
+    set_active_monitor(mon)
+    try:
+        x = torch.randn(64, 64, requires_grad=True)
+        for _ in range(3):
+            model(x).square().mean().backward()
+            mon.end_step()
+    finally:
+        set_active_monitor(None)
+    stats = [r for r in mon.history if "event" not in r]
+    assert {(r["layer"], r["gemm"]) for r in stats} == {(n, g) for n in ("0", "2") for g in ("dgrad", "wgrad")}
+    first = [r for r in stats if r["step"] == 0]
+    assert all(2.0 < r["snr"] < 100 and r["cosine"] > 0.9 for r in first)  # MXFP4+SR+RHT: SNR ~ 5-10
+    assert set(mon.switched().values()) == {1}
+    # After the switch the GEMMs run unquantized, so there is nothing left to measure.
+    assert not [r for r in stats if r["step"] == 2]
