@@ -42,9 +42,15 @@ setup(
     include_package_data=True,
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
-        "test": ["pytest>=7", "pybind11>=2.10"],
+        "test": ["pytest>=7", "pybind11>=2.10", "matplotlib"],
+        "plot": ["matplotlib"],
         "megatron": ["megatron-core==0.19.2", "triton"],
         "deepspeed": ["deepspeed"],
+    },
+    entry_points={
+        "console_scripts": [
+            "mxfp4-report=megatron_mxfp4.report:main",
+        ],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

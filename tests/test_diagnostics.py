@@ -128,3 +128,17 @@ def test_monitor_sees_every_gemm_of_a_converted_model_and_guard_switches():
     assert set(mon.switched().values()) == {1}
     # After the switch the GEMMs run unquantized, so there is nothing left to measure.
     assert not [r for r in stats if r["step"] == 2]
+
+
+def test_report_summary_and_heatmap(tmp_path):
+    from megatron_mxfp4.report import main as report_main
+
+    mon = MXFP4Monitor(interval=1, snr_threshold=2.0, patience=1, jsonl_path=str(tmp_path / "diagnostics.jsonl"))
+    for snr in (5.0, 1.0):
+        for layer in ("decoder.layers.0.mlp.linear_fc1", "decoder.layers.1.mlp.linear_fc1"):
+            mon.record(layer, "wgrad", dict(snr=snr))
+        mon.end_step()
+    pytest.importorskip("matplotlib")
+    report_main([str(tmp_path)])
+    png = tmp_path / "diagnostics-snr.png"
+    assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"

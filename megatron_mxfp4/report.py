@@ -1,0 +1,96 @@
+"""`mxfp4-report`: turn a run's diagnostics log into a heat map (layers × steps) and a text summary.
+
+    mxfp4-report RUN_DIR [--metric snr] [--out RUN_DIR/diagnostics.png]
+
+Reads `RUN_DIR/diagnostics.jsonl` (or a .jsonl path), as written by `MXFP4Monitor`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from collections import defaultdict
+from typing import Dict, List
+
+
+def load_records(path: str) -> List[dict]:
+    if os.path.isdir(path):
+        path = os.path.join(path, "diagnostics.jsonl")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no diagnostics log at {path} (enable the monitor: MXFP4Monitor(jsonl_path=...))")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def summarize(records: List[dict], metric: str = "snr") -> str:
+    """Per (layer, GEMM): first, last and minimum of `metric`, and guard switches."""
+    stats: Dict[tuple, List[tuple]] = defaultdict(list)
+    events = [r for r in records if "event" in r]
+    for r in records:
+        if "event" not in r:
+            stats[(r["layer"], r["gemm"])].append((r["step"], r[metric]))
+    lines = [f"| layer | GEMM | checks | first {metric} | last {metric} | min {metric} |", "|---|---|---|---|---|---|"]
+    for (layer, gemm), vals in sorted(stats.items()):
+        vals.sort()
+        series = [v for _, v in vals]
+        lines.append(f"| {layer} | {gemm} | {len(vals)} | {series[0]:.3g} | {series[-1]:.3g} | {min(series):.3g} |")
+    if events:
+        lines.append("")
+        lines += [f"- step {e['step']}: {e['layer']} {e['gemm']} {e['event']} (SNR {e['snr']:.3g} < "
+                  f"{e['threshold']} for {e['patience']} checks)" for e in events]
+    return "\n".join(lines)
+
+
+def heatmap(records: List[dict], out: str, metric: str = "snr") -> str:
+    """One panel per GEMM: rows = layers, columns = sampled steps, colour = log10(metric)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in records if "event" not in r]
+    gemms = sorted({r["gemm"] for r in rows})
+    layers = sorted({r["layer"] for r in rows}, key=_natural)
+    steps = sorted({r["step"] for r in rows})
+    fig, axes = plt.subplots(1, len(gemms), figsize=(4 + 0.15 * len(steps) * len(gemms), 1 + 0.3 * len(layers)),
+                             squeeze=False)
+    for ax, gemm in zip(axes[0], gemms):
+        grid = [[math.nan] * len(steps) for _ in layers]
+        for r in rows:
+            if r["gemm"] == gemm:
+                v = r[metric]
+                grid[layers.index(r["layer"])][steps.index(r["step"])] = math.log10(v) if v > 0 else math.nan
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_title(f"{gemm}: log10 {metric}")
+        ax.set_yticks(range(len(layers)), layers, fontsize=6)
+        ticks = list(range(0, len(steps), max(1, len(steps) // 8)))
+        ax.set_xticks(ticks, [steps[i] for i in ticks])
+        ax.set_xlabel("step")
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def _natural(name: str):
+    return [int(t) if t.isdigit() else t for t in name.replace(".", " ").split()]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="mxfp4-report", description=__doc__.splitlines()[0])
+    ap.add_argument("run", help="run folder (holding diagnostics.jsonl) or a .jsonl file")
+    ap.add_argument("--metric", default="snr", choices=["snr", "rel_err", "cosine", "clip_frac_a", "clip_frac_b",
+                                                        "zero_frac_a", "zero_frac_b"])
+    ap.add_argument("--out", default=None, help="PNG path (default: next to the log)")
+    args = ap.parse_args(argv)
+    records = load_records(args.run)
+    base = args.run if os.path.isdir(args.run) else os.path.dirname(args.run) or "."
+    out = args.out or os.path.join(base, f"diagnostics-{args.metric}.png")
+    print(summarize(records, args.metric))
+    print(f"heat map: {heatmap(records, out, args.metric)}")
+
+
+if __name__ == "__main__":
+    main()
