@@ -19,7 +19,7 @@ from . import diagnostics
 from .numerics.format import BLOCK
 from .numerics.rht import draw_signs
 from .numerics.streams import Gemm, Operand, stream_offset
-from .ops import mxfp4_gemm, quantize_mxfp4
+from .ops import fp8_matmul, mxfp4_gemm, quantize_mxfp4
 from .recipe import MXFP4Recipe
 
 
@@ -39,6 +39,8 @@ class StreamKey:
 
 def check_reduction_dim(size: int, recipe: MXFP4Recipe, what: str) -> None:
     """Raise a clear error when a reduction dimension cannot be quantized under `recipe`."""
+    if recipe.backward_format == "fp8":  # per-tensor scaling: any size
+        return
     g = recipe.effective_rht_block
     step = max(BLOCK, g)
     if size % step:
@@ -72,6 +74,8 @@ def dgrad(dy: torch.Tensor, weight: torch.Tensor, recipe: MXFP4Recipe, key: Stre
     exact = lambda: dy.float() @ weight.float()  # noqa: E731
     if not diagnostics.gemm_quantized(key.name, "dgrad"):
         return exact()
+    if recipe.backward_format == "fp8":
+        return fp8_matmul(dy, weight.t().contiguous(), out_dtype=torch.float32)
     check_reduction_dim(dy.shape[1], recipe, "dgrad reduction (output features)")
     signs = gemm_signs(recipe, key, Gemm.DGRAD, dy.device)
     a = _quantize(dy, recipe, key, Gemm.DGRAD, Operand.GRAD_OUTPUT, signs)
@@ -86,6 +90,8 @@ def wgrad(dy: torch.Tensor, x: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey
     exact = lambda: dy.t().float() @ x.float()  # noqa: E731
     if not diagnostics.gemm_quantized(key.name, "wgrad"):
         return exact()
+    if recipe.backward_format == "fp8":
+        return fp8_matmul(dy.t().contiguous(), x.t().contiguous(), out_dtype=torch.float32)
     check_reduction_dim(dy.shape[0], recipe, "wgrad reduction (tokens = sequence × micro-batch)")
     signs = gemm_signs(recipe, key, Gemm.WGRAD, dy.device)
     a = _quantize(dy.t(), recipe, key, Gemm.WGRAD, Operand.GRAD_OUTPUT, signs)

@@ -8,6 +8,7 @@ from .numerics.rht import SIGN_POLICIES, check_rht_block
 from .ops.dispatch import BACKENDS
 
 FORWARDS = ("bf16", "fp8")
+BACKWARD_FORMATS = ("mxfp4", "fp8")
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,10 @@ class MXFP4Recipe:
     bf16_first_layers / bf16_last_layers: keep the first / last N transformer layers entirely in
         the unquantized path (forward and backward).
     lm_head: also quantize the backward of the LM head (output layer); off by default.
+
+    Baseline option: backward_format "fp8" runs the selected backward GEMMs in FP8 E4M3 with
+    per-tensor current scaling instead of MXFP4 (rounding / RHT then do not apply): the FP8 arm
+    of A/B studies.
     """
 
     dgrad: bool = True
@@ -39,6 +44,7 @@ class MXFP4Recipe:
     bf16_first_layers: int = 0
     bf16_last_layers: int = 0
     lm_head: bool = False
+    backward_format: str = "mxfp4"
 
     def __post_init__(self):
         if self.rounding not in ROUNDINGS:
@@ -56,6 +62,9 @@ class MXFP4Recipe:
             n = getattr(self, name)
             if isinstance(n, bool) or not isinstance(n, int) or n < 0:
                 raise ValueError(f"MXFP4Recipe.{name} must be a non-negative int, got {n!r}")
+        if self.backward_format not in BACKWARD_FORMATS:
+            raise ValueError(f"MXFP4Recipe.backward_format must be one of {BACKWARD_FORMATS}, "
+                             f"got {self.backward_format!r}")
         if not isinstance(self.lm_head, bool):
             raise ValueError(f"MXFP4Recipe.lm_head must be a bool, got {self.lm_head!r}")
 
