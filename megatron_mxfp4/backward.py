@@ -19,7 +19,8 @@ from . import diagnostics
 from .numerics.format import BLOCK
 from .numerics.rht import draw_signs
 from .numerics.streams import Gemm, Operand, stream_offset
-from .ops import fp8_matmul, mxfp4_gemm, quantize_mxfp4
+from .numerics.quantize import MXFP4Tensor
+from .ops import fp8_matmul, mxfp4_gemm, quantize_mxfp4, quantize_mxfp4_dual
 from .recipe import MXFP4Recipe
 
 
@@ -69,8 +70,33 @@ def _quantize(t: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey, gemm: Gemm, 
     )
 
 
-def dgrad(dy: torch.Tensor, weight: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey) -> torch.Tensor:
-    """dX = dY · W (float32) with both operands in MXFP4 along out. dy [T, out], weight [out, in]."""
+def quantize_grad_output(dy: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey):
+    """dY [T, out] quantized for both GEMMs from one read (the dual kernel): (dgrad operand, along out;
+    wgrad operand dYᵀ, along tokens), bit-identical to what `dgrad` and `wgrad` quantize themselves."""
+    check_reduction_dim(dy.shape[1], recipe, "dgrad reduction (output features)")
+    check_reduction_dim(dy.shape[0], recipe, "wgrad reduction (tokens = sequence × micro-batch)")
+    return quantize_mxfp4_dual(
+        dy, rounding=recipe.rounding, rht_block=recipe.effective_rht_block,
+        signs_row=gemm_signs(recipe, key, Gemm.DGRAD, dy.device), signs_col=gemm_signs(recipe, key, Gemm.WGRAD, dy.device),
+        seed=key.seed, offset_row=key.offset(Gemm.DGRAD, Operand.GRAD_OUTPUT),
+        offset_col=key.offset(Gemm.WGRAD, Operand.GRAD_OUTPUT), backend=recipe.quantize_backend,
+    )
+
+
+def grad_output_operands(dy: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey, dgrad_needed: bool = True,
+                         wgrad_needed: bool = True):
+    """(qdy for `dgrad`, qdy for `wgrad`): both from `quantize_grad_output` when both GEMMs quantize dY
+    in MXFP4, else (None, None) and each GEMM quantizes its own operand."""
+    if not (dgrad_needed and wgrad_needed and recipe.dgrad and recipe.wgrad and recipe.backward_format == "mxfp4"
+            and diagnostics.gemm_quantized(key.name, "dgrad") and diagnostics.gemm_quantized(key.name, "wgrad")):
+        return None, None
+    return quantize_grad_output(dy, recipe, key)
+
+
+def dgrad(dy: torch.Tensor, weight: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey,
+          qdy: Optional[MXFP4Tensor] = None) -> torch.Tensor:
+    """dX = dY · W (float32) with both operands in MXFP4 along out. dy [T, out], weight [out, in].
+    `qdy`: dY already quantized (`grad_output_operands`)."""
     exact = lambda: dy.float() @ weight.float()  # noqa: E731
     if not diagnostics.gemm_quantized(key.name, "dgrad"):
         return exact()
@@ -78,15 +104,17 @@ def dgrad(dy: torch.Tensor, weight: torch.Tensor, recipe: MXFP4Recipe, key: Stre
         return fp8_matmul(dy, weight.t().contiguous(), out_dtype=torch.float32)
     check_reduction_dim(dy.shape[1], recipe, "dgrad reduction (output features)")
     signs = gemm_signs(recipe, key, Gemm.DGRAD, dy.device)
-    a = _quantize(dy, recipe, key, Gemm.DGRAD, Operand.GRAD_OUTPUT, signs)
+    a = qdy if qdy is not None else _quantize(dy, recipe, key, Gemm.DGRAD, Operand.GRAD_OUTPUT, signs)
     b = _quantize(weight.t(), recipe, key, Gemm.DGRAD, Operand.WEIGHT, signs)
     out = mxfp4_gemm(a, b, out_dtype=torch.float32, backend=recipe.gemm_backend)
     diagnostics.measure_gemm(key.name, "dgrad", exact, out, dy, a, weight.t(), b, signs)
     return out
 
 
-def wgrad(dy: torch.Tensor, x: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey) -> torch.Tensor:
-    """dW = dYᵀ · X (float32) with both operands in MXFP4 along tokens. dy [T, out], x [T, in]."""
+def wgrad(dy: torch.Tensor, x: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey,
+          qdy: Optional[MXFP4Tensor] = None) -> torch.Tensor:
+    """dW = dYᵀ · X (float32) with both operands in MXFP4 along tokens. dy [T, out], x [T, in].
+    `qdy`: dYᵀ already quantized (`grad_output_operands`)."""
     exact = lambda: dy.t().float() @ x.float()  # noqa: E731
     if not diagnostics.gemm_quantized(key.name, "wgrad"):
         return exact()
@@ -94,7 +122,7 @@ def wgrad(dy: torch.Tensor, x: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey
         return fp8_matmul(dy.t().contiguous(), x.t().contiguous(), out_dtype=torch.float32)
     check_reduction_dim(dy.shape[0], recipe, "wgrad reduction (tokens = sequence × micro-batch)")
     signs = gemm_signs(recipe, key, Gemm.WGRAD, dy.device)
-    a = _quantize(dy.t(), recipe, key, Gemm.WGRAD, Operand.GRAD_OUTPUT, signs)
+    a = qdy if qdy is not None else _quantize(dy.t(), recipe, key, Gemm.WGRAD, Operand.GRAD_OUTPUT, signs)
     b = _quantize(x.t(), recipe, key, Gemm.WGRAD, Operand.INPUT, signs)
     out = mxfp4_gemm(a, b, out_dtype=torch.float32, backend=recipe.gemm_backend)
     diagnostics.measure_gemm(key.name, "wgrad", exact, out, dy.t(), a, x.t(), b, signs)

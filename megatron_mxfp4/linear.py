@@ -59,15 +59,16 @@ class MXFP4LinearFunction(torch.autograd.Function):
         dy2d = dy.reshape(-1, dy.shape[-1])
         x2d = x.reshape(-1, x.shape[-1])
         dx = dw = db = None
+        qd, qw = bwd.grad_output_operands(dy2d, recipe, key, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         if ctx.needs_input_grad[0]:
             if recipe.dgrad:
-                dx = bwd.dgrad(dy2d, weight, recipe, key)
+                dx = bwd.dgrad(dy2d, weight, recipe, key, qdy=qd)
             else:
                 dx = dy2d @ weight.to(dy2d.dtype)
             dx = dx.to(x.dtype).reshape(x.shape)
         if ctx.needs_input_grad[1]:
             if recipe.wgrad:
-                dw = bwd.wgrad(dy2d, x2d, recipe, key)
+                dw = bwd.wgrad(dy2d, x2d, recipe, key, qdy=qw)
             else:
                 dw = dy2d.t() @ x2d.to(dy2d.dtype)
             dw = dw.to(weight.dtype)

@@ -11,6 +11,8 @@ from .dispatch import (
     fp8_matmul,
     mxfp4_gemm,
     quantize_mxfp4,
+    quantize_mxfp4_dual,
+    register_dual_quantizer,
     register_gemm,
     register_quantizer,
 )
@@ -23,5 +25,6 @@ for _name in ("cuda_quantize", "hopper_gemm", "blackwell_gemm", "triton_gemm"):
             raise
 
 __all__ = [
-    "available_backends", "fp8_matmul", "mxfp4_gemm", "quantize_mxfp4", "register_gemm", "register_quantizer",
+    "available_backends", "fp8_matmul", "mxfp4_gemm", "quantize_mxfp4", "quantize_mxfp4_dual", "register_dual_quantizer",
+    "register_gemm", "register_quantizer",
 ]

@@ -32,6 +32,7 @@ def _anywhere(_: torch.Tensor) -> Optional[str]:
 
 _QUANTIZERS: Dict[str, _Backend] = {"reference": _Backend("reference", quantize_reference, _anywhere, 0)}
 _GEMMS: Dict[str, _Backend] = {"reference": _Backend("reference", gemm_reference, _anywhere, 0)}
+_DUALS: Dict[str, _Backend] = {}
 _warned = set()
 
 
@@ -41,6 +42,11 @@ def register_quantizer(name: str, fn: Callable, supports: Callable, priority: in
 
 def register_gemm(name: str, fn: Callable, supports: Callable, priority: int) -> None:
     _GEMMS[name] = _Backend(name, fn, supports, priority)
+
+
+def register_dual_quantizer(name: str, fn: Callable, supports: Callable, priority: int) -> None:
+    """A fused kernel for `quantize_mxfp4_dual` (same signature as `quantize_dual_reference`)."""
+    _DUALS[name] = _Backend(name, fn, supports, priority)
 
 
 def available_backends(x: torch.Tensor, kind: str = "gemm"):
@@ -82,6 +88,35 @@ def quantize_mxfp4(x, dim=-1, rounding="rtn", prescale=None, rht_block=0, signs=
     b = _select(_QUANTIZERS, backend, x, "quantize")
     return b.fn(x, dim=dim, rounding=rounding, prescale=prescale, rht_block=rht_block, signs=signs,
                 seed=seed, offset=offset)
+
+
+def quantize_dual_reference(x, rounding="sr", prescale=None, rht_block=0, signs_row=None, signs_col=None, seed=0,
+                            offset_row=0, offset_col=0):
+    """Both copies of a 2-d x [T, N] that a backward needs: (rowwise, columnwise) =
+    (`quantize_reference(x, -1, ..., signs_row, seed, offset_row)`,
+     `quantize_reference(x.t(), -1, ..., signs_col, seed, offset_col)`)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"quantize_mxfp4_dual needs a 2-d tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    row = quantize_reference(x, -1, rounding, prescale, rht_block, signs_row, seed, offset_row)
+    col = quantize_reference(x.t(), -1, rounding, prescale, rht_block, signs_col, seed, offset_col)
+    return row, col
+
+
+_DUALS["reference"] = _Backend("reference", quantize_dual_reference, _anywhere, 0)
+
+
+def quantize_mxfp4_dual(x, rounding="sr", prescale=None, rht_block=0, signs_row=None, signs_col=None, seed=0,
+                        offset_row=0, offset_col=0, backend="auto"):
+    """Quantize x [T, N] along N (rowwise copy) and along T (columnwise copy, returned as the MXFP4
+    tensor of x.t() [N, T]) from one read of x, each copy with its own signs and Philox offset.
+    Bit-identical to the two `quantize_mxfp4` calls of `quantize_dual_reference`."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"quantize_mxfp4_dual needs a 2-d tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    check_quantize_args(x, 1, rht_block, signs_row)
+    check_quantize_args(x, 0, rht_block, signs_col)
+    b = _select(_DUALS, backend, x, "dual quantize")
+    return b.fn(x, rounding=rounding, prescale=prescale, rht_block=rht_block, signs_row=signs_row,
+                signs_col=signs_col, seed=seed, offset_row=offset_row, offset_col=offset_col)
 
 
 def mxfp4_gemm(a: MXFP4Tensor, b: MXFP4Tensor, out_dtype=torch.float32, backend="auto", *, alpha: float = 1.0,

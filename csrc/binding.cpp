@@ -1,0 +1,75 @@
+// pybind11 module megatron_mxfp4._mxfp4_cuda: the quantize kernels behind a torch-free interface
+// (device pointers and the CUDA stream are passed as integers; the Python side owns the tensors).
+#include <cstdint>
+
+#include <pybind11/pybind11.h>
+
+#include "mxfp4_quantize.h"
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename T>
+T* ptr(uintptr_t v) {
+  return reinterpret_cast<T*>(v);
+}
+
+void quantize(int dtype, int rht_block, int mode, bool stochastic, uintptr_t x, int64_t rows, int64_t cols, int64_t ld,
+              uintptr_t row_data, uintptr_t row_scales, int64_t row_idx_stride, uintptr_t row_signs,
+              uintptr_t row_signs_out, uintptr_t row_offset_ptr, uint64_t row_offset, uintptr_t col_data,
+              uintptr_t col_scales, int64_t col_idx_stride, uintptr_t col_signs, uintptr_t col_signs_out,
+              uintptr_t col_offset_ptr, uint64_t col_offset, uintptr_t seed_ptr, uint64_t seed, float prescale,
+              float hadamard_scale, uintptr_t stream) {
+  mxfp4::QuantizeParams p;
+  p.x = ptr<const void>(x);
+  p.rows = rows;
+  p.cols = cols;
+  p.ld = ld;
+  p.row_data = ptr<uint8_t>(row_data);
+  p.row_scales = ptr<uint8_t>(row_scales);
+  p.row_idx_stride = row_idx_stride;
+  p.row_signs = ptr<const float>(row_signs);
+  p.row_signs_out = ptr<float>(row_signs_out);
+  p.row_offset_ptr = ptr<const int64_t>(row_offset_ptr);
+  p.row_offset = row_offset;
+  p.col_data = ptr<uint8_t>(col_data);
+  p.col_scales = ptr<uint8_t>(col_scales);
+  p.col_idx_stride = col_idx_stride;
+  p.col_signs = ptr<const float>(col_signs);
+  p.col_signs_out = ptr<float>(col_signs_out);
+  p.col_offset_ptr = ptr<const int64_t>(col_offset_ptr);
+  p.col_offset = col_offset;
+  p.seed_ptr = ptr<const int64_t>(seed_ptr);
+  p.seed = seed;
+  p.prescale = prescale;
+  p.hadamard_scale = hadamard_scale;
+  mxfp4::quantize(static_cast<mxfp4::DType>(dtype), rht_block, static_cast<mxfp4::Mode>(mode), stochastic, p,
+                  reinterpret_cast<cudaStream_t>(stream));
+}
+
+py::tuple tile_shape(int dtype, int rht_block, int mode) {
+  int tr = 0, tc = 0;
+  mxfp4::tile_shape(static_cast<mxfp4::DType>(dtype), rht_block, static_cast<mxfp4::Mode>(mode), &tr, &tc);
+  return py::make_tuple(tr, tc);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_mxfp4_cuda, m) {
+  m.doc() = "Fused MXFP4 quantize kernels (RHT + E8M0 scale + SR/RTN + packing), see csrc/mxfp4_quantize.h";
+  m.attr("ROW") = static_cast<int>(mxfp4::kRow);
+  m.attr("COL") = static_cast<int>(mxfp4::kCol);
+  m.attr("DUAL") = static_cast<int>(mxfp4::kDual);
+  m.def("quantize", &quantize, py::call_guard<py::gil_scoped_release>(), py::arg("dtype"), py::arg("rht_block"),
+        py::arg("mode"), py::arg("stochastic"), py::arg("x"), py::arg("rows"), py::arg("cols"), py::arg("ld"),
+        py::arg("row_data") = 0, py::arg("row_scales") = 0, py::arg("row_idx_stride") = 0, py::arg("row_signs") = 0,
+        py::arg("row_signs_out") = 0, py::arg("row_offset_ptr") = 0, py::arg("row_offset") = 0,
+        py::arg("col_data") = 0, py::arg("col_scales") = 0, py::arg("col_idx_stride") = 0, py::arg("col_signs") = 0,
+        py::arg("col_signs_out") = 0, py::arg("col_offset_ptr") = 0, py::arg("col_offset") = 0,
+        py::arg("seed_ptr") = 0, py::arg("seed") = 0, py::arg("prescale") = 1.0f, py::arg("hadamard_scale") = 1.0f,
+        py::arg("stream") = 0,
+        "Launch one quantize kernel on `stream` (all pointers are device addresses as integers; 0 = none).");
+  m.def("tile_shape", &tile_shape, py::arg("dtype"), py::arg("rht_block"), py::arg("mode"),
+        "(tile_rows, tile_cols) of the kernel for (dtype, rht_block, mode); (0, 0) if there is none.");
+}

@@ -1,0 +1,454 @@
+// Fused MXFP4 quantize kernel: load -> RHT (float32 FWHT) -> per-32 amax -> E8M0 scale ->
+// RTN or SR (Philox4x32-10) -> nibble packing, for a row copy, a transposed column copy, or both
+// from one read of the input ("dual").
+//
+// Bit-exact twin of megatron_mxfp4/numerics/quantize.py (see its module docstring):
+//   1. y = x (float32) with the sign bit of s_j flipped in (== x * s_j for s_j = +-1), butterflies
+//      h = 1, 2, 4, ... (pairs (i, i+h) -> (a+b, a-b)), then y *= float32(1/sqrt(g));
+//   2. amax of |y| over 32 elements; any NaN/Inf -> scale 0xFF and zero codes; otherwise
+//      e = max(exponent bits, 2) - 129 (== floor(log2 amax) - 2 clamped to [-127, 127]);
+//   3. v = (y * 2^-e) * p, two rounded float32 products;
+//   4. RTN (ties to even, saturating) or SR: up iff u < (|v| - lo) / gap, u = (word >> 8) 2^-24,
+//      word = Philox4x32-10 word of the element's logical index (index / 4 is the Philox counter,
+//      index % 4 picks the word), key = seed, counter words 2..3 = offset;
+//   5. two codes per byte, first element in the low nibble.
+//
+// How a code is formed without a table: with xc = clamp(exponent(|v|), 127, 129) the map
+// g(|v|) = |v| * 2^(128 - xc) + 2 (xc - 127) sends the E2M1 grid {0, .5, 1, 1.5, 2, 3, 4, 6} onto
+// the integers 0..7 and is linear (slope 1/gap) between grid points, so
+//   RTN: code = rint(|v| * 2^(128 - xc)) + 2 (xc - 127)     (ties to even <=> even code)
+//   SR : code = floor(g) + [q < frac(g) 2^24]  with q = word >> 8
+//            = (ceil(g 2^24) + 0xFFFFFF - q) >> 24            (integer identity, q integer)
+// where |v| * 2^(152 - xc) = g 2^24 - 2 (xc - 127) 2^24 is computed exactly in float32 (a power-of-two
+// scaling) and rounded up to an integer; both are clamped to 7 (|v| >= 6).
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "mxfp4_quantize.h"
+
+namespace mxfp4 {
+namespace detail {
+
+constexpr int kThreads = 256;
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u;
+constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;
+constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
+constexpr uint32_t kDomainDither = 0u;
+constexpr uint32_t kDomainSigns = 1u;
+
+template <typename T> struct InType;
+template <> struct InType<float> { static constexpr DType kCode = kFloat32; };
+template <> struct InType<__nv_bfloat16> { static constexpr DType kCode = kBFloat16; };
+template <> struct InType<__half> { static constexpr DType kCode = kFloat16; };
+
+// Tile geometry of one (g, mode, element size). E = elements one thread owns along the quantized
+// dimension (one or two MX blocks), NSEG = threads (lanes of one warp) sharing one g-block.
+template <int G, int MODE, int SZ>
+struct Geometry {
+  static constexpr int E = G >= 64 ? 64 : 32;
+  static constexpr int GB = G > 0 ? G : E;
+  static constexpr int NSEG = GB / E;
+  static constexpr int TR = MODE == kRow ? 64 : (GB > 64 ? GB : 64);
+  static constexpr int TC = MODE == kRow ? 256 : (MODE == kCol ? 16384 / TR : (GB > 128 ? GB : 16384 / TR));
+  static constexpr int CH = 16 / SZ;                       // elements per 16-byte chunk
+  static constexpr int TILE_BYTES = TR * TC * SZ;
+  static constexpr int STAGES = TILE_BYTES <= 48 * 1024 ? 2 : 1;
+  static constexpr int SIGN_BYTES = 2 * GB * 4;
+  static constexpr int SMEM_BYTES = SIGN_BYTES + STAGES * TILE_BYTES;
+  static constexpr bool kFits = SMEM_BYTES <= 227 * 1024;
+  // column reads: CW columns per warp for each of the NSEG segments of a g-block
+  static constexpr int CW = 32 / NSEG;
+  static constexpr int KSWZ = (CW * SZ) / 16;              // 16-byte chunks one segment's lanes read
+  static_assert((TR % GB == 0 && TC % GB == 0) || MODE != kDual, "dual tile must hold whole g-blocks");
+  static_assert(TC * SZ >= 128, "tile rows must span at least 128 bytes (swizzle)");
+};
+
+// ------------------------------------------------------------------------------------------------
+// Philox4x32-10 (Salmon et al. 2011), the stream of megatron_mxfp4/numerics/philox.py.
+struct PhiloxKey {
+  uint32_t k0[10];
+  uint32_t k1[10];
+};
+
+__device__ __forceinline__ PhiloxKey philox_key(uint64_t seed) {
+  PhiloxKey k;
+  uint32_t a = static_cast<uint32_t>(seed), b = static_cast<uint32_t>(seed >> 32);
+#pragma unroll
+  for (int r = 0; r < 10; ++r) {
+    k.k0[r] = a;
+    k.k1[r] = b;
+    a += kPhiloxW0;
+    b += kPhiloxW1;
+  }
+  return k;
+}
+
+__device__ __forceinline__ uint4 philox(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, const PhiloxKey& k) {
+#pragma unroll
+  for (int r = 0; r < 10; ++r) {
+    const uint32_t lo0 = c0 * kPhiloxM0, hi0 = __umulhi(c0, kPhiloxM0);
+    const uint32_t lo1 = c2 * kPhiloxM1, hi1 = __umulhi(c2, kPhiloxM1);
+    const uint32_t n0 = hi1 ^ c1 ^ k.k0[r];
+    const uint32_t n2 = hi0 ^ c3 ^ k.k1[r];
+    c0 = n0;
+    c1 = lo1;
+    c2 = n2;
+    c3 = lo0;
+  }
+  return make_uint4(c0, c1, c2, c3);
+}
+
+// The 4 words of the stream (key, offset, domain) at element indices 4*blk .. 4*blk+3.
+__device__ __forceinline__ uint4 philox_block(uint64_t blk, uint64_t offset, uint32_t domain, const PhiloxKey& k) {
+  return philox(static_cast<uint32_t>(blk), static_cast<uint32_t>(blk >> 32) | (domain << 31),
+                static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32), k);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Element codes (see the file comment). x = v, the prescaled value; returns sign | magnitude.
+__device__ __forceinline__ uint32_t code_rtn(float x) {
+  const uint32_t xb = __float_as_uint(x);
+  const uint32_t xc = min(max(xb & 0x7F800000u, 127u << 23), 129u << 23);
+  const float s = __uint_as_float((255u << 23) - xc);             // 2^(128 - xc): 2, 1, 1/2
+  const float a = __fmul_rn(fabsf(x), s);                         // < 4: exact
+  const uint32_t n = __float_as_uint(__fadd_rn(a, 8388608.0f)) - 0x4B000000u;  // rint(a)
+  const uint32_t mag = min(n + (xc >> 22) - 254u, 7u);
+  return mag | ((xb >> 28) & 8u);
+}
+
+__device__ __forceinline__ uint32_t code_sr(float x, uint32_t word) {
+  const uint32_t xb = __float_as_uint(x);
+  const uint32_t xc = min(max(xb & 0x7F800000u, 127u << 23), 129u << 23);
+  const float s = __uint_as_float((279u << 23) - xc);             // 2^(152 - xc)
+  const float a = __fmul_rn(fabsf(x), s);                         // (g - 2(xc-127)) 2^24, exact
+  const uint32_t ci = __float2uint_ru(a);                         // ceil
+  // + 2 (xc - 127) 2^24 + 0xFFFFFF - q, all mod 2^32 (the true sum is < 2^28)
+  const uint32_t t = ci + (xc << 2) + 0x02FFFFFFu - (word >> 8);
+  const uint32_t mag = min(t >> 24, 7u);
+  return mag | ((xb >> 28) & 8u);
+}
+
+__device__ __forceinline__ float max_nan_abs(float m, float y) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(m), "f"(fabsf(y)));
+  return r;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Input conversion: 16-byte chunk -> float32 with sign bits flipped by masks (0 or 0x80000000).
+template <typename T, bool SIGNS>
+__device__ __forceinline__ void convert_chunk(const uint4 d, const uint32_t* m, float* out);
+
+template <>
+__device__ __forceinline__ void convert_chunk<__nv_bfloat16, true>(const uint4 d, const uint32_t* m, float* out) {
+  const uint4 m0 = *reinterpret_cast<const uint4*>(m);
+  const uint4 m1 = *reinterpret_cast<const uint4*>(m + 4);
+  out[0] = __uint_as_float((d.x << 16) ^ m0.x);
+  out[1] = __uint_as_float((d.x & 0xFFFF0000u) ^ m0.y);
+  out[2] = __uint_as_float((d.y << 16) ^ m0.z);
+  out[3] = __uint_as_float((d.y & 0xFFFF0000u) ^ m0.w);
+  out[4] = __uint_as_float((d.z << 16) ^ m1.x);
+  out[5] = __uint_as_float((d.z & 0xFFFF0000u) ^ m1.y);
+  out[6] = __uint_as_float((d.w << 16) ^ m1.z);
+  out[7] = __uint_as_float((d.w & 0xFFFF0000u) ^ m1.w);
+}
+template <>
+__device__ __forceinline__ void convert_chunk<__nv_bfloat16, false>(const uint4 d, const uint32_t*, float* out) {
+  out[0] = __uint_as_float(d.x << 16);
+  out[1] = __uint_as_float(d.x & 0xFFFF0000u);
+  out[2] = __uint_as_float(d.y << 16);
+  out[3] = __uint_as_float(d.y & 0xFFFF0000u);
+  out[4] = __uint_as_float(d.z << 16);
+  out[5] = __uint_as_float(d.z & 0xFFFF0000u);
+  out[6] = __uint_as_float(d.w << 16);
+  out[7] = __uint_as_float(d.w & 0xFFFF0000u);
+}
+template <bool SIGNS>
+__device__ __forceinline__ void convert_half_chunk(const uint4 d, const uint32_t* m, float* out) {
+  const uint32_t w[4] = {d.x, d.y, d.z, d.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    __half2 h = *reinterpret_cast<const __half2*>(&w[i]);
+    const float2 f = __half22float2(h);
+    out[2 * i] = f.x;
+    out[2 * i + 1] = f.y;
+  }
+  if (SIGNS) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) out[i] = __uint_as_float(__float_as_uint(out[i]) ^ m[i]);
+  }
+}
+template <>
+__device__ __forceinline__ void convert_chunk<__half, true>(const uint4 d, const uint32_t* m, float* out) {
+  convert_half_chunk<true>(d, m, out);
+}
+template <>
+__device__ __forceinline__ void convert_chunk<__half, false>(const uint4 d, const uint32_t* m, float* out) {
+  convert_half_chunk<false>(d, m, out);
+}
+template <>
+__device__ __forceinline__ void convert_chunk<float, true>(const uint4 d, const uint32_t* m, float* out) {
+  const uint4 m0 = *reinterpret_cast<const uint4*>(m);
+  out[0] = __uint_as_float(d.x ^ m0.x);
+  out[1] = __uint_as_float(d.y ^ m0.y);
+  out[2] = __uint_as_float(d.z ^ m0.z);
+  out[3] = __uint_as_float(d.w ^ m0.w);
+}
+template <>
+__device__ __forceinline__ void convert_chunk<float, false>(const uint4 d, const uint32_t*, float* out) {
+  out[0] = __uint_as_float(d.x);
+  out[1] = __uint_as_float(d.y);
+  out[2] = __uint_as_float(d.z);
+  out[3] = __uint_as_float(d.w);
+}
+
+// One element from shared memory -> float32 bits (no sign applied).
+__device__ __forceinline__ uint32_t load_bits(const unsigned char* p, float*) {
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+__device__ __forceinline__ uint32_t load_bits(const unsigned char* p, __nv_bfloat16*) {
+  return static_cast<uint32_t>(*reinterpret_cast<const unsigned short*>(p)) << 16;
+}
+__device__ __forceinline__ uint32_t load_bits(const unsigned char* p, __half*) {
+  return __float_as_uint(__half2float(*reinterpret_cast<const __half*>(p)));
+}
+
+// ------------------------------------------------------------------------------------------------
+// Shared-memory swizzle: 16-byte chunk `c` of tile row `r` lives at chunk c ^ f(r) (f < 8, so a
+// chunk stays inside its 128-byte group). Row reads (8 lanes = 8 rows) and column reads (lanes of
+// the NSEG segments sit E rows apart) are then free of bank conflicts.
+template <class Geo>
+__device__ __forceinline__ int swizzle(int r) {
+  return (r & 7) ^ (((r / Geo::E) % Geo::NSEG) * Geo::KSWZ);
+}
+
+// FWHT of a g-block held as E consecutive elements by each of NSEG lanes (lane distance `step`).
+template <int E, int NSEG>
+__device__ __forceinline__ void fwht(float (&v)[E], int seg, int step, float hscale) {
+#pragma unroll
+  for (int h = 1; h < E; h <<= 1) {
+#pragma unroll
+    for (int i = 0; i < E; ++i) {
+      if ((i & h) == 0) {
+        const float a = v[i], b = v[i + h];
+        v[i] = __fadd_rn(a, b);
+        v[i + h] = __fsub_rn(a, b);
+      }
+    }
+  }
+#pragma unroll
+  for (int m = 1; m < NSEG; m <<= 1) {
+    const float sg = (seg & m) ? -1.0f : 1.0f;  // upper lane: partner - mine; lower: mine + partner
+#pragma unroll
+    for (int i = 0; i < E; ++i) {
+      const float o = __shfl_xor_sync(0xFFFFFFFFu, v[i], m * step);
+      v[i] = __fmaf_rn(v[i], sg, o);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < E; ++i) v[i] = __fmul_rn(v[i], hscale);
+}
+
+// Quantize E values (E/32 MX blocks) and store E/2 code bytes and E/32 scale bytes.
+template <int E, bool SR>
+__device__ __forceinline__ void quantize_store(const float (&v)[E], float prescale, uint64_t idx0, uint64_t offset,
+                                               const PhiloxKey& key, uint8_t* data, uint8_t* scales, bool valid) {
+  uint32_t words[E / 8];
+#pragma unroll
+  for (int b = 0; b < E / 32; ++b) {
+    float amax = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 32; ++i) amax = max_nan_abs(amax, v[32 * b + i]);
+    const bool bad = !(amax <= 3.402823466e38f);  // NaN or Inf in the block
+    const uint32_t sbyte = max(__float_as_uint(amax) >> 23, 2u) - 2u;  // e + 127
+    const float inv = __uint_as_float((254u - sbyte) << 23);         // 2^-e
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      uint32_t word = 0;
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        const int i0 = 32 * b + 8 * w + 4 * q;
+        uint4 rnd = make_uint4(0, 0, 0, 0);
+        if (SR) rnd = philox_block((idx0 + i0) >> 2, offset, kDomainDither, key);
+        const uint32_t r4[4] = {rnd.x, rnd.y, rnd.z, rnd.w};
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const float x = __fmul_rn(__fmul_rn(v[i0 + k], inv), prescale);
+          const uint32_t c = SR ? code_sr(x, r4[k]) : code_rtn(x);
+          word |= c << (4 * (4 * q + k));
+        }
+      }
+      words[4 * b + w] = bad ? 0u : word;
+    }
+    if (valid) scales[b] = bad ? 0xFFu : static_cast<uint8_t>(sbyte);
+  }
+  if (valid) {
+#pragma unroll
+    for (int j = 0; j < E / 32; ++j)
+      reinterpret_cast<uint4*>(data)[j] = make_uint4(words[4 * j], words[4 * j + 1], words[4 * j + 2], words[4 * j + 3]);
+  }
+}
+
+__device__ __forceinline__ uint64_t read_u64(const int64_t* ptr, uint64_t value) {
+  return ptr ? static_cast<uint64_t>(*ptr) : value;
+}
+
+// The g sign masks of one copy into shared memory (0 or 0x80000000 per position).
+template <int GB>
+__device__ __forceinline__ void init_signs(uint32_t* dst, const float* given, float* out, uint64_t offset,
+                                           const PhiloxKey& key) {
+  for (int j = threadIdx.x; j < GB; j += kThreads) {
+    uint32_t m;
+    if (given) {
+      m = __float_as_uint(given[j]) & 0x80000000u;
+    } else {
+      const uint4 w = philox_block(static_cast<uint64_t>(j >> 2), offset, kDomainSigns, key);
+      const uint32_t r4[4] = {w.x, w.y, w.z, w.w};
+      m = r4[j & 3] & 0x80000000u;
+    }
+    dst[j] = m;
+    if (out && blockIdx.x == 0) out[j] = m ? -1.0f : 1.0f;
+  }
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int n = pred ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+template <typename T, class Geo>
+__device__ __forceinline__ void load_tile(const QuantizeParams& p, int64_t tile, int64_t ntc, unsigned char* dst) {
+  constexpr int CPR = Geo::TC / Geo::CH;  // chunks per tile row
+  const int64_t row0 = (tile / ntc) * Geo::TR, col0 = (tile % ntc) * Geo::TC;
+  const T* x = static_cast<const T*>(p.x);
+#pragma unroll 4
+  for (int q = threadIdx.x; q < Geo::TR * CPR; q += kThreads) {
+    const int r = q / CPR, c = q % CPR;
+    const int64_t gr = row0 + r, gc = col0 + static_cast<int64_t>(c) * Geo::CH;
+    const bool ok = gr < p.rows && gc < p.cols;
+    const T* src = ok ? x + gr * p.ld + gc : x;
+    cp_async16(dst + (r * Geo::TC * static_cast<int>(sizeof(T))) + ((c ^ swizzle<Geo>(r)) * 16), src, ok);
+  }
+}
+
+template <typename T, int G, int MODE, bool SR>
+__global__ void __launch_bounds__(kThreads, 2) quantize_kernel(const QuantizeParams p) {
+  using Geo = Geometry<G, MODE, sizeof(T)>;
+  constexpr int E = Geo::E, NSEG = Geo::NSEG, TR = Geo::TR, TC = Geo::TC, CH = Geo::CH, GB = Geo::GB;
+  constexpr bool DO_ROW = (MODE & kRow) != 0, DO_COL = (MODE & kCol) != 0, RHT = G > 0;
+  constexpr int SZ = sizeof(T);
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  uint32_t* sgn_row = reinterpret_cast<uint32_t*>(smem);
+  uint32_t* sgn_col = sgn_row + GB;
+  unsigned char* tiles = smem + Geo::SIGN_BYTES;
+
+  const uint64_t seed = read_u64(p.seed_ptr, p.seed);
+  const uint64_t off_row = read_u64(p.row_offset_ptr, p.row_offset);
+  const uint64_t off_col = read_u64(p.col_offset_ptr, p.col_offset);
+  const PhiloxKey key = philox_key(seed);
+  if (RHT) {
+    if (DO_ROW) init_signs<GB>(sgn_row, p.row_signs, p.row_signs_out, off_row, key);
+    if (DO_COL) init_signs<GB>(sgn_col, p.col_signs, p.col_signs_out, off_col, key);
+  }
+
+  const int64_t ntc = (p.cols + TC - 1) / TC;
+  const int64_t ntiles = ((p.rows + TR - 1) / TR) * ntc;
+  const int tid = threadIdx.x;
+  int64_t tile = blockIdx.x;
+  if (tile < ntiles) load_tile<T, Geo>(p, tile, ntc, tiles);
+  cp_async_commit();
+  int stage = 0;
+
+  for (; tile < ntiles; tile += gridDim.x) {
+    const int64_t next = tile + gridDim.x;
+    if (Geo::STAGES == 2) {
+      if (next < ntiles) load_tile<T, Geo>(p, next, ntc, tiles + (stage ^ 1) * Geo::TILE_BYTES);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const unsigned char* t = tiles + stage * Geo::TILE_BYTES;
+    const int64_t row0 = (tile / ntc) * TR, col0 = (tile % ntc) * TC;
+
+    if (DO_ROW) {
+      constexpr int SEGROW = TC / E;
+#pragma unroll 1
+      for (int u = tid; u < TR * SEGROW; u += kThreads) {
+        const int rest = u >> 3, seg = rest % SEGROW, r = (rest / SEGROW) * 8 + (u & 7);
+        const int sig = seg % NSEG;
+        float v[E];
+        const unsigned char* rowp = t + r * TC * SZ;
+        const int f = swizzle<Geo>(r);
+#pragma unroll
+        for (int j = 0; j < E / CH; ++j) {
+          const int c = seg * (E / CH) + j;
+          const uint4 d = *reinterpret_cast<const uint4*>(rowp + ((c ^ f) * 16));
+          convert_chunk<T, RHT>(d, sgn_row + sig * E + j * CH, v + j * CH);
+        }
+        if (RHT) fwht<E, NSEG>(v, sig, 8, p.hadamard_scale);
+        const int64_t gr = row0 + r, gc = col0 + seg * E;
+        const bool valid = gr < p.rows && gc < p.cols;
+        quantize_store<E, SR>(v, p.prescale, static_cast<uint64_t>(gr * p.row_idx_stride + gc), off_row, key,
+                              p.row_data + gr * (p.cols / 2) + gc / 2, p.row_scales + gr * (p.cols / 32) + gc / 32,
+                              valid);
+      }
+    }
+    if (DO_COL) {
+      constexpr int CW = Geo::CW;
+      constexpr int SEGCOL = TR / E;
+#pragma unroll 1
+      for (int u = tid; u < TC * SEGCOL; u += kThreads) {
+        const int col_lo = u % CW, t1 = u / CW, s = t1 % NSEG, t2 = t1 / NSEG;
+        const int c = (t2 % (TC / CW)) * CW + col_lo, rs = (t2 / (TC / CW)) * NSEG + s;
+        float v[E];
+        // row rs*E + i, column c: chunk (c / CH) ^ swizzle(row) = cx ^ (i & 7), cx = (c / CH) ^ s*KSWZ
+        const int cx = (c / CH) ^ (s * Geo::KSWZ);
+        const unsigned char* base = t + rs * E * TC * SZ + (c % CH) * SZ;
+        const unsigned char* addr[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) addr[k] = base + ((cx ^ k) * 16);
+#pragma unroll
+        for (int i0 = 0; i0 < E; i0 += 4) {
+          uint4 m = make_uint4(0, 0, 0, 0);
+          if (RHT) m = *reinterpret_cast<const uint4*>(sgn_col + s * E + i0);
+          const uint32_t m4[4] = {m.x, m.y, m.z, m.w};
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            const int i = i0 + k;
+            v[i] = __uint_as_float(load_bits(addr[i & 7] + i * TC * SZ, static_cast<T*>(nullptr)) ^ m4[k]);
+          }
+        }
+        if (RHT) fwht<E, NSEG>(v, s, CW, p.hadamard_scale);
+        const int64_t gc = col0 + c, gr = row0 + rs * E;
+        const bool valid = gc < p.cols && gr < p.rows;
+        quantize_store<E, SR>(v, p.prescale, static_cast<uint64_t>(gc * p.col_idx_stride + gr), off_col, key,
+                              p.col_data + gc * (p.rows / 2) + gr / 2, p.col_scales + gc * (p.rows / 32) + gr / 32,
+                              valid);
+      }
+    }
+    __syncthreads();
+    if (Geo::STAGES == 1) {
+      if (next < ntiles) load_tile<T, Geo>(p, next, ntc, tiles);
+      cp_async_commit();
+    } else {
+      stage ^= 1;
+    }
+  }
+  cp_async_wait<0>();
+}
+
+}  // namespace detail
+}  // namespace mxfp4

@@ -1,0 +1,244 @@
+"""The "cuda" quantizer: the fused kernels of csrc/ (RHT + E8M0 scale + SR/RTN + packing) (DESIGN §4).
+
+Registers itself with the dispatcher on import: `quantize_mxfp4(..., backend="auto")` picks it for
+CUDA tensors when the extension `megatron_mxfp4._mxfp4_cuda` is built (sm_80 or newer), and
+`quantize_mxfp4_dual` uses its dual kernel (one read of dY, both copies written).
+
+Every result is bit-identical to `quantize_reference` on the same arguments. Layouts:
+
+* dim = last of a row-major tensor: the row kernel (quantized along the contiguous dimension);
+* dim = last of a 2-d transposed view `base.t()` (how the backward hands dYᵀ, Xᵀ and Wᵀ over):
+  the column kernel reads `base` and writes the packed [N, T/2] layout directly;
+* dim = 0 of a 2-d tensor: RTN runs the column (or row) kernel and transposes the small outputs;
+  SR falls back to the reference (with a one-time warning), because the reference's dither index
+  then runs across the quantized dimension;
+* any other layout is copied (dim = last) or falls back to the reference, each with a one-time warning.
+
+`seed` and `offset` may be Python ints or one-element int64 CUDA tensors holding the bits of the
+unsigned 64-bit value (read by the kernel on the device: safe under CUDA graph capture). RHT signs
+are taken by their sign bit (the recipe's signs are ±1); without `signs` the kernel draws them from
+the sign stream and returns them in `MXFP4Tensor.signs`.
+"""
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import Optional, Tuple
+
+import torch
+
+from ..numerics.quantize import MXFP4Tensor, check_quantize_args, quantize_reference, resolve_prescale
+from ..numerics.rht import hadamard_scale
+from .dispatch import quantize_dual_reference, register_dual_quantizer, register_quantizer
+
+try:
+    _ext = importlib.import_module(__name__.rsplit(".", 2)[0] + "._mxfp4_cuda")
+    _LOAD_ERROR: Optional[str] = None
+except ImportError as _e:  # not built (CPU install, or no nvcc at install time)
+    _ext = None
+    _LOAD_ERROR = f"the CUDA extension megatron_mxfp4._mxfp4_cuda is not available ({_e})"
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+ROW, COL, DUAL = 1, 2, 3
+_warned = set()
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"megatron_mxfp4 cuda quantizer: {msg}", RuntimeWarning, stacklevel=4)
+
+
+def supports(x) -> Optional[str]:
+    """None when the kernels can quantize `x`, else the reason."""
+    if _ext is None:
+        return _LOAD_ERROR
+    if not isinstance(x, torch.Tensor) or not x.is_cuda:
+        return "the cuda quantizer needs a CUDA tensor"
+    if torch.cuda.get_device_capability(x.device) < (8, 0):
+        return f"{torch.cuda.get_device_name(x.device)} is older than sm_80"
+    return None
+
+
+def is_available() -> bool:
+    return _ext is not None
+
+
+def _u64(name: str, v, device) -> Tuple[int, int]:
+    """(device pointer, value) of a seed/offset given as an int or a one-element int64 CUDA tensor."""
+    if isinstance(v, torch.Tensor):
+        if v.device != device or v.dtype not in (torch.int64, torch.uint64) or v.numel() != 1:
+            raise ValueError(f"{name} as a tensor must be one int64 element on {device}, got "
+                             f"{v.dtype} {tuple(v.shape)} on {v.device}")
+        if not v.is_contiguous():
+            raise ValueError(f"{name} tensor must be contiguous")
+        return v.data_ptr(), 0
+    v = int(v)
+    if not 0 <= v < 2**64:
+        raise ValueError(f"{name} must be an unsigned 64-bit integer, got {v}")
+    return 0, v
+
+
+def _as_int(v) -> int:
+    """A seed/offset for the reference (synchronizes when it is a tensor)."""
+    if isinstance(v, torch.Tensor):
+        return int(v.item()) & (2**64 - 1)
+    return int(v)
+
+
+def _prepare_signs(signs: Optional[torch.Tensor], g: int, device):
+    """(signs in, signs out): the caller's float32 signs, or a buffer the kernel fills with its drawn signs."""
+    if not g:
+        return None, None
+    if signs is None:
+        return None, torch.empty(g, dtype=torch.float32, device=device)
+    s = signs.to(torch.float32).contiguous()
+    return s, None
+
+
+def _row_major(x: torch.Tensor, sz: int) -> bool:
+    """x is 2-d with contiguous rows, a leading dimension of whole 16-byte chunks and a 16-byte aligned
+    start (the kernel loads 16-byte chunks; a last partial chunk reads into the row's padding)."""
+    return (x.dim() == 2 and x.stride(1) == 1 and x.stride(0) >= x.shape[1] and (x.stride(0) * sz) % 16 == 0
+            and x.data_ptr() % 16 == 0)
+
+
+def _row_major_copy(x: torch.Tensor, sz: int) -> torch.Tensor:
+    """x (2-d) as a row-major matrix the kernel can read: rows padded to 16 bytes if needed."""
+    if _row_major(x, sz):
+        return x
+    step = 16 // sz
+    cols = -(-x.shape[1] // step) * step
+    if cols == x.shape[1]:
+        return x.contiguous() if not x.is_contiguous() else x.clone()
+    buf = torch.empty(x.shape[0], cols, dtype=x.dtype, device=x.device)
+    buf[:, : x.shape[1]] = x
+    return buf[:, : x.shape[1]]
+
+
+def _launch(mode: int, base: torch.Tensor, g: int, sr: bool, p: float, seed, *, row=None, col=None) -> None:
+    """One kernel launch on base [rows, cols] (row-major); row/col = (data, scales, idx_stride, signs,
+    signs_out, offset) of each copy written."""
+    dev = base.device
+    seed_ptr, seed_val = _u64("seed", seed, dev)
+    kw = dict(dtype=_DTYPE_CODES[base.dtype], rht_block=g, mode=mode, stochastic=sr, x=base.data_ptr(),
+              rows=base.shape[0], cols=base.shape[1], ld=base.stride(0), seed_ptr=seed_ptr, seed=seed_val,
+              prescale=p, hadamard_scale=hadamard_scale(g) if g else 1.0,
+              stream=torch.cuda.current_stream(dev).cuda_stream)
+    for prefix, spec in (("row", row), ("col", col)):
+        if spec is None:
+            continue
+        data, scales, stride, signs, signs_out, offset = spec
+        off_ptr, off_val = _u64("offset", offset, dev)
+        kw.update({f"{prefix}_data": data.data_ptr(), f"{prefix}_scales": scales.data_ptr(),
+                   f"{prefix}_idx_stride": stride, f"{prefix}_signs": signs.data_ptr() if signs is not None else 0,
+                   f"{prefix}_signs_out": signs_out.data_ptr() if signs_out is not None else 0,
+                   f"{prefix}_offset_ptr": off_ptr, f"{prefix}_offset": off_val})
+    with torch.cuda.device(dev):
+        _ext.quantize(**kw)
+
+
+def _outputs(n: int, k: int, device):
+    """Packed data [n, k/2] and scales [n, k/32] of n vectors quantized along k."""
+    return (torch.empty(n, k // 2, dtype=torch.uint8, device=device),
+            torch.empty(n, k // 32, dtype=torch.uint8, device=device))
+
+
+def quantize_cuda(x: torch.Tensor, dim: int = -1, rounding: str = "rtn", prescale: Optional[float] = None,
+                  rht_block: int = 0, signs: Optional[torch.Tensor] = None, seed=0, offset=0) -> MXFP4Tensor:
+    """`quantize_reference` on the GPU (same arguments, same bits); see the module docstring."""
+    dim = check_quantize_args(x, dim, rht_block, signs)
+    reason = supports(x)
+    if reason is not None:
+        raise RuntimeError(f"cuda quantizer cannot run: {reason}")
+    p = resolve_prescale(rounding, prescale)
+    sr = rounding == "sr"
+    g = rht_block
+    sz = x.element_size()
+    nd = x.dim()
+    sig_in, sig_out = _prepare_signs(signs, g, x.device)
+
+    def result(data, scales):
+        return MXFP4Tensor(data=data, scales=scales, prescale=p, dim=dim, shape=tuple(x.shape), rht_block=g,
+                           signs=sig_in if sig_in is not None else sig_out)
+
+    if dim == nd - 1 and nd == 2 and x.shape[0] > 1 and x.stride(0) == 1 and not x.is_contiguous():
+        # x = base.t(): quantize base [K, R] along its rows (column kernel); element (r, k) of x has
+        # logical index r*K + k = column r of base times K plus row k.
+        k, r = x.shape[1], x.shape[0]
+        base = _row_major_copy(x.t(), sz)
+        data, scales = _outputs(r, k, x.device)
+        _launch(COL, base, g, sr, p, seed, col=(data, scales, k, sig_in, sig_out, offset))
+        return result(data, scales)
+    if dim == nd - 1:
+        if not x.is_contiguous() or x.data_ptr() % 16:
+            _warn_once("copy", f"input of shape {tuple(x.shape)} and strides {x.stride()} is copied to a "
+                               "contiguous layout first")
+            x_c = x.contiguous() if not x.is_contiguous() else x.clone()
+        else:
+            x_c = x
+        k = x.shape[-1]
+        base = x_c.reshape(-1, k)
+        data, scales = _outputs(base.shape[0], k, x.device)
+        _launch(ROW, base, g, sr, p, seed, row=(data, scales, k, sig_in, sig_out, offset))
+        return result(data.reshape(*x.shape[:-1], k // 2), scales.reshape(*x.shape[:-1], k // 32))
+    if nd == 2 and dim == 0 and not sr:
+        # RTN along dim 0 (no dither: the element order does not matter); outputs transposed back.
+        t, n = x.shape
+        if x.shape[1] > 1 and x.stride(0) == 1 and x.stride(1) != 1:
+            base = _row_major_copy(x.t(), sz)  # [N, T]: quantize along its rows' contiguous dim
+            data, scales = _outputs(n, t, x.device)
+            _launch(ROW, base, g, sr, p, seed, row=(data, scales, t, sig_in, sig_out, offset))
+        else:
+            base = _row_major_copy(x, sz)  # [T, N]: quantize along rows
+            data, scales = _outputs(n, t, x.device)
+            _launch(COL, base, g, sr, p, seed, col=(data, scales, t, sig_in, sig_out, offset))
+        return result(data.t().contiguous(), scales.t().contiguous())
+    why = ("SR along dim 0 (the reference's dither index runs across the quantized dimension)"
+           if nd == 2 and dim == 0 else f"dim {dim} of a {nd}-d tensor")
+    _warn_once(f"fallback-{nd}-{dim}-{rounding}", f"no kernel for {why}; using the PyTorch reference")
+    return quantize_reference(x, dim, rounding, prescale, rht_block, signs, _as_int(seed), _as_int(offset))
+
+
+def quantize_dual_cuda(x: torch.Tensor, rounding: str = "sr", prescale: Optional[float] = None, rht_block: int = 0,
+                       signs_row: Optional[torch.Tensor] = None, signs_col: Optional[torch.Tensor] = None, seed=0,
+                       offset_row=0, offset_col=0) -> Tuple[MXFP4Tensor, MXFP4Tensor]:
+    """`quantize_dual_reference` on the GPU: one read of x [T, N], both copies written."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"quantize_mxfp4_dual needs a 2-d tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    check_quantize_args(x, 1, rht_block, signs_row)
+    check_quantize_args(x, 0, rht_block, signs_col)
+    reason = supports(x)
+    if reason is not None:
+        raise RuntimeError(f"cuda quantizer cannot run: {reason}")
+    p = resolve_prescale(rounding, prescale)
+    sr = rounding == "sr"
+    g = rht_block
+    t, n = x.shape
+    sz = x.element_size()
+    if not _row_major(x, sz):
+        _warn_once("dual-copy", f"dual input of shape {tuple(x.shape)} and strides {x.stride()} is copied to a "
+                                "row-major layout first")
+    base = _row_major_copy(x, sz)
+    rs_in, rs_out = _prepare_signs(signs_row, g, x.device)
+    cs_in, cs_out = _prepare_signs(signs_col, g, x.device)
+    row_data, row_scales = _outputs(t, n, x.device)
+    col_data, col_scales = _outputs(n, t, x.device)
+    row = (row_data, row_scales, n, rs_in, rs_out, offset_row)
+    col = (col_data, col_scales, t, cs_in, cs_out, offset_col)
+    if _ext.tile_shape(_DTYPE_CODES[x.dtype], g, DUAL)[0]:
+        _launch(DUAL, base, g, sr, p, seed, row=row, col=col)
+    else:  # no fused tile (float32 with g = 256): two reads
+        _launch(ROW, base, g, sr, p, seed, row=row)
+        _launch(COL, base, g, sr, p, seed, col=col)
+    rowwise = MXFP4Tensor(data=row_data, scales=row_scales, prescale=p, dim=1, shape=(t, n), rht_block=g,
+                          signs=rs_in if rs_in is not None else rs_out)
+    colwise = MXFP4Tensor(data=col_data, scales=col_scales, prescale=p, dim=1, shape=(n, t), rht_block=g,
+                          signs=cs_in if cs_in is not None else cs_out)
+    return rowwise, colwise
+
+
+register_quantizer("cuda", quantize_cuda, supports, priority=10)
+register_dual_quantizer("cuda", quantize_dual_cuda, supports, priority=10)
+
+__all__ = ["quantize_cuda", "quantize_dual_cuda", "supports", "is_available", "quantize_dual_reference"]
