@@ -79,6 +79,8 @@ def test_tiles_layout_flags_wide_slabs_and_zeroes_them():
     assert op.bad.tolist() == [False, True, False]
     deq, ref = L.e4m3_dequantize(op), t9.dequantize(unscaled=True)
     assert torch.all(deq[:, 128:256] == 0)
+    assert torch.all(op.codes[3, 128:256].float() == 0)          # the bad row-tile's codes are zero
+    assert torch.equal(op.codes[4, 128:256].float() * op.scales[1, 4], ref[4, 128:256])   # other rows kept
     keep = torch.ones(384, dtype=torch.bool)
     keep[128:256] = False
     assert torch.equal(deq[:, keep], ref[:, keep])
@@ -292,12 +294,10 @@ for tile in (32, 128):
     ref = L.to_e4m3_reference(t, tile)
     kp = -(-K // tile) * tile
     codes = torch.empty((R, kp), dtype=torch.float8_e4m3fn); scales = torch.empty((kp // tile, R))
-    flags = torch.zeros(max(kp // 128, 1), dtype=torch.int32)
-    tg._to_e4m3_kernel[(2, triton.cdiv(kp, 128))](t.data, t.scales, codes, scales, flags, R, K, kp,
+    flags = torch.zeros(3, dtype=torch.int32)
+    tg._to_e4m3_kernel[(2, 3)](t.data, t.scales, codes, scales, flags, R, K // 2, K // 32, kp,
         t.data.stride(0), t.scales.stride(0), 1.0, FOLD=tile == 128, HAS_MULT=False, BR=32)
-    if tile == 128:
-        assert flags.bool().tolist() == ref.bad.tolist() == [False, True, False], flags
-        codes.view(torch.uint8).view(R, -1, 128)[:, flags.bool()] = 0
+    assert flags.bool().tolist() == ref.bad.tolist() == ([False, True, False] if tile == 128 else [False] * 3)
     assert torch.equal(codes.view(torch.uint8), ref.codes.view(torch.uint8)), tile
     assert torch.equal(scales.view(torch.int32), ref.scales.view(torch.int32)), tile
 y = torch.randn(24, K)
@@ -315,6 +315,21 @@ tg._dot_scaled_kernel[(4,)](a.data, b.data, a.scales, b.scales, c2, 32, 24, K, a
     a.scales.stride(0), b.scales.stride(0), c2.stride(0), c2.stride(1), gemm_alpha(a, b), BM=16, BN=16, BK=128,
     GROUP_M=2, ACCUM=False, HAS_ALPHA=True)
 assert ((c2.double() - ref).norm() / ref.norm()).item() < 1e-6
+# the slab fix kernel adds exactly the flagged slabs (1 and the partial slab 2) to c3
+c3 = torch.zeros(32, 24)
+cnt = torch.zeros(1, dtype=torch.int32)
+bad = torch.tensor([0, 1, 1], dtype=torch.int32)
+tg._slab_fix_kernel[(4,)](a.data, a.scales, b.data, b.scales, bad, c3, cnt, 32, 24, 3, K // 32, a.data.stride(0),
+    a.scales.stride(0), b.data.stride(0), b.scales.stride(0), c3.stride(0), c3.stride(1), gemm_alpha(a, b),
+    BM=16, BN=16, GROUP_M=2, HAS_ALPHA=True)
+da, db = a.dequantize(unscaled=True).double(), b.dequantize(unscaled=True).double()
+ref3 = da[:, 128:] @ db[:, 128:].t() * gemm_alpha(a, b)
+assert ((c3.double() - ref3).norm() / ref3.norm()).item() < 1e-6 and int(cnt) == 1
+c4 = torch.full((32, 24), 7.0)
+tg._slab_fix_kernel[(4,)](a.data, a.scales, b.data, b.scales, bad * 0, c4, cnt, 32, 24, 3, K // 32, a.data.stride(0),
+    a.scales.stride(0), b.data.stride(0), b.scales.stride(0), c4.stride(0), c4.stride(1), gemm_alpha(a, b),
+    BM=16, BN=16, GROUP_M=2, HAS_ALPHA=True)
+assert torch.all(c4 == 7.0) and int(cnt) == 1
 print("OK")
 """
     env = dict(os.environ, TRITON_INTERPRET="1")

@@ -9,14 +9,19 @@ block exponents folded in relative to their 1×128 tile + one float32 scale per 
 (`torch.nn.functional.scaled_mm`, `ScalingType.BlockWise1x128`). The tensor core adds products of
 the four blocks of a tile before the scale is applied and drops low bits when their exponents
 differ (measured 8e-5 at a 4-binade spread, 1.9e-4 at 8). K-slabs in which some row-tile of either
-operand spans more than 8 binades cannot be folded exactly: their codes are zeroed and their
-product is added by the exact kernel (per-slab fallback, warned about once).
+operand spans more than 8 binades cannot be folded exactly: they are excluded from the FP8 GEMM
+(A's tile scales zeroed there) and a second Triton kernel adds their product exactly from the packed
+MXFP4 operands, promoting every 32-K block (per-slab fallback; warned about once). Nothing
+synchronizes with the host: when no slab is flagged the fix kernel only reads the flags.
+With a BF16 output and flagged slabs, the output is rounded to BF16 twice.
 
 `hopper_exact` (exact; ≤ 1e-5, float32 summation order only): the Triton FP8 kernel of
 `triton_gemm` with promotion to float32 every 32 K, so products of different block scales never
 meet inside the tensor core. Variant "tiles" (default) uses the same folded operands with the scale
 applied per 128 K and the same per-slab fallback; variant "blocks" uses plain E2M1 codes with one
-scale per 32-block (no fallback needed).
+scale per 32-block (no fallback needed). On the H200 "tiles" runs at ~460 TFLOP/s and "blocks" at
+~220 (bench/results/gemm-h200.md): each 32-K promotion waits for its wgmma, which serializes the
+tensor cores with the float32 adds.
 
 alpha is applied in the epilogue (folded into B's tile scales on the cuBLASLt path); BF16/FP32
 output; `accumulate_into` adds to an FP32 main_grad in place.
@@ -24,14 +29,15 @@ output; `accumulate_into` adds to an FP32 main_grad in place.
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from typing import Optional
 
 import torch
 
 from ..numerics.quantize import MXFP4Tensor, gemm_alpha
 from .dispatch import register_gemm
-from .layouts import TILE, take_slabs
-from .triton_gemm import fp8_scaled_gemm, to_e4m3, triton_unavailable
+from .layouts import TILE
+from .triton_gemm import fix_bad_slabs, fp8_scaled_gemm, to_e4m3, triton_unavailable
 
 #: Which exact kernel `hopper_exact` runs: "tiles" (folded codes, scale per 128 K) or "blocks".
 EXACT_VARIANT = "tiles"
@@ -43,6 +49,43 @@ def _warn_once(key: str, msg: str) -> None:
     if key not in _warned:
         _warned.add(key)
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+class _FallbackMonitor:
+    """Counts GEMM calls that needed the per-slab fallback, without synchronizing: the fix kernel bumps a
+    device counter, which is copied to pinned host memory after each call and read (once the copy has
+    landed) at the next call, to warn once."""
+
+    def __init__(self):
+        self._state = {}
+
+    def counter(self, device) -> torch.Tensor:
+        st = self._state.get(device)
+        if st is None:
+            st = self._state[device] = dict(dev=torch.zeros(1, dtype=torch.int32, device=device),
+                                            host=torch.zeros(1, dtype=torch.int32, pin_memory=True), event=None)
+        return st["dev"]
+
+    def after_call(self, device) -> None:
+        st = self._state[device]
+        if "bad_slabs" in _warned:
+            return
+        ev = st["event"]
+        if ev is not None and ev.query() and int(st["host"][0]) > 0:
+            _warn_once("bad_slabs", "megatron_mxfp4: some 128-column K-slabs held a tile whose block exponents span "
+                                    "more than 8 binades; those slabs were computed on the exact 32-K path")
+            return
+        st["host"].copy_(st["dev"], non_blocking=True)
+        st["event"] = torch.cuda.Event()
+        st["event"].record()
+
+    def calls_with_fallback(self, device) -> int:
+        """How many calls on `device` needed the fallback so far (synchronizes)."""
+        st = self._state.get(torch.device(device))
+        return 0 if st is None else int(st["dev"].item())
+
+
+monitor = _FallbackMonitor()
 
 
 def _blockwise_api():
@@ -80,22 +123,14 @@ def _finish(out: torch.Tensor, out_dtype, accumulate_into):
     return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
-def _add_bad_slabs(a: MXFP4Tensor, b: MXFP4Tensor, bad: torch.Tensor, alpha_t: float, out: torch.Tensor) -> None:
-    """out (float32) += alpha_t · A[:, S]·B[:, S]ᵀ over the flagged K-slabs S, exactly (32-K promotion)."""
-    slabs = bad.nonzero().flatten()
-    sa, sb = take_slabs(a, slabs), take_slabs(b, slabs)
-    fp8_scaled_gemm(to_e4m3(sa, 32), to_e4m3(sb, 32), torch.float32, alpha_t, accumulate_into=out)
-
-
-def _tiles_or_fallback(a: MXFP4Tensor, b: MXFP4Tensor, mult_b: float):
+def tile_operands(a: MXFP4Tensor, b: MXFP4Tensor, mult_b: float = 1.0):
+    """Both operands in the E4M3-tile layout, ready for a GEMM: A's scales are zeroed on the slabs flagged in
+    either operand (those are added by `fix_bad_slabs`). Returns (oa, ob, flags int32 [K/128])."""
     oa = to_e4m3(a, TILE)
     ob = to_e4m3(b, TILE, mult=mult_b)
     bad = oa.bad | ob.bad
-    nbad = int(bad.sum())
-    if nbad:
-        _warn_once("bad_slabs", "megatron_mxfp4: some 128-column K-slabs hold a tile whose block exponents span "
-                                "more than 8 binades; those slabs are computed on the exact 32-K path")
-    return oa, ob, bad, nbad
+    oa = replace(oa, scales=torch.where(bad.unsqueeze(1), 0.0, oa.scales))
+    return oa, ob, bad.to(torch.int32)
 
 
 def exact_gemm(a: MXFP4Tensor, b: MXFP4Tensor, out_dtype=torch.float32, alpha: float = 1.0,
@@ -107,12 +142,12 @@ def exact_gemm(a: MXFP4Tensor, b: MXFP4Tensor, out_dtype=torch.float32, alpha: f
         return fp8_scaled_gemm(to_e4m3(a, 32), to_e4m3(b, 32), out_dtype, alpha_t, accumulate_into)
     if variant != "tiles":
         raise ValueError(f"variant must be 'tiles' or 'blocks', got {variant!r}")
-    oa, ob, bad, nbad = _tiles_or_fallback(a, b, 1.0)
-    if not nbad:
-        return fp8_scaled_gemm(oa, ob, out_dtype, alpha_t, accumulate_into)
-    out = fp8_scaled_gemm(oa, ob, torch.float32, alpha_t, accumulate_into)
-    _add_bad_slabs(a, b, bad, alpha_t, out)
-    return _finish(out, out_dtype, accumulate_into)
+    dev = a.data.device
+    oa, ob, bad = tile_operands(a, b)
+    out = fp8_scaled_gemm(oa, ob, out_dtype, alpha_t, accumulate_into)
+    fix_bad_slabs(a, b, bad, alpha_t, out, monitor.counter(dev))
+    monitor.after_call(dev)
+    return out
 
 
 def hopper_gemm(a: MXFP4Tensor, b: MXFP4Tensor, out_dtype=torch.float32, alpha: float = 1.0,
@@ -124,16 +159,13 @@ def hopper_gemm(a: MXFP4Tensor, b: MXFP4Tensor, out_dtype=torch.float32, alpha: 
                             "using the exact Triton kernel instead")
         return exact_gemm(a, b, out_dtype, alpha, accumulate_into)
     scaled_mm, blockwise = _blockwise_api()
+    dev = a.data.device
     alpha_t = gemm_alpha(a, b, alpha)
-    oa, ob, bad, nbad = _tiles_or_fallback(a, b, alpha_t)
-    fp32 = accumulate_into is not None or nbad > 0
-    if nbad == bad.numel():
-        out = torch.zeros((M, N), dtype=torch.float32, device=a.data.device)
-    else:
-        out = scaled_mm(oa.codes, ob.codes.t(), oa.scales.t(), blockwise, ob.scales.t(), blockwise,
-                        output_dtype=torch.float32 if fp32 else out_dtype)
-    if nbad:
-        _add_bad_slabs(a, b, bad, alpha_t, out)
+    oa, ob, bad = tile_operands(a, b, alpha_t)
+    od = torch.float32 if accumulate_into is not None else out_dtype
+    out = scaled_mm(oa.codes, ob.codes.t(), oa.scales.t(), blockwise, ob.scales.t(), blockwise, output_dtype=od)
+    fix_bad_slabs(a, b, bad, alpha_t, out, monitor.counter(dev))
+    monitor.after_call(dev)
     return _finish(out, out_dtype, accumulate_into)
 
 

@@ -12,9 +12,12 @@ column-major [R, Kp / tile] matrix that cuBLASLt's 1×128 block scaling wants):
 - `tile=128` ("tiles"): the four block exponents of a 1×128 tile are folded into the codes
   relative to the tile's largest exponent: code = v · 2^(e_j − e_max), scale = 2^e_max. Exact in
   E4M3 (down to its smallest subnormal 2^-9) while every non-zero block of the tile lies at most
-  8 binades below e_max. A tile that spans more ("bad") cannot be folded: its row-tile is zeroed
-  and its K-slab flagged in `bad` (one flag per 128-column slab, for any row); the GEMM adds the
-  exact product of the flagged slabs separately (per-slab fallback, `hopper_gemm`).
+  8 binades below e_max. A tile that spans more ("bad") cannot be folded: its codes are zero and
+  its K-slab is flagged in `bad` (one flag per 128-column slab, set when any row's tile is bad).
+  A GEMM on this layout must exclude the flagged slabs (their other rows keep their codes: zero one
+  operand's scales there) and add their product exactly (per-slab fallback, `hopper_gemm`).
+
+Zero codes are always +0 (the sign of a zero element is dropped).
 
 All-zero blocks do not count for e_max or the span (their exponent is irrelevant). A block with the
 NaN scale (0xFF) makes its whole tile's scale NaN, so the GEMM's row turns NaN as in the reference.
@@ -46,8 +49,8 @@ _E8M0_ONE = fmt.E8M0_BIAS
 class E4M3Operand:
     """An MXFP4 operand as FP8 E4M3 codes + float32 scales (see the module docstring).
 
-    codes [R, Kp] float8_e4m3fn; scales [Kp / tile, R] float32; bad [Kp / tile] bool (tile=128: K-slabs
-    with a row-tile spanning more than 8 binades, whose codes are zeroed; tile=32: all False); k = K.
+    codes [R, Kp] float8_e4m3fn; scales [Kp / tile, R] float32; bad [ceil(K / 128)] bool (tile=128: K-slabs
+    with a row-tile spanning more than 8 binades, whose codes are zero; tile=32: all False); k = K.
     """
 
     codes: torch.Tensor
@@ -90,8 +93,8 @@ def to_e4m3_reference(t: MXFP4Tensor, tile: int = TILE) -> E4M3Operand:
     nb = kp // fmt.BLOCK
     if tile == fmt.BLOCK:
         scale = torch.where(nan_blk, torch.full(e.shape, float("nan"), device=e.device), _pow2(e.clamp(max=127)))
-        vals = torch.where(nan_blk.repeat_interleave(fmt.BLOCK, 1), torch.zeros_like(vals), vals)
-        bad = torch.zeros(nb, dtype=torch.bool, device=e.device)
+        vals = torch.where(nan_blk.repeat_interleave(fmt.BLOCK, 1) | (vals == 0), torch.zeros_like(vals), vals)
+        bad = torch.zeros(-(-K // TILE), dtype=torch.bool, device=e.device)
         return E4M3Operand(vals.to(torch.float8_e4m3fn), scale.t().contiguous(), bad, tile, K)
 
     per = TILE // fmt.BLOCK
@@ -106,20 +109,21 @@ def to_e4m3_reference(t: MXFP4Tensor, tile: int = TILE) -> E4M3Operand:
     d = (e.reshape(R, nt, per) - e_top.unsqueeze(-1)).clamp(-30, 0)
     folded = vals.reshape(R, nt, per, fmt.BLOCK) * _pow2(d).unsqueeze(-1)
     keep = (~nan_blk.reshape(R, nt, per) & ~bad_rt.unsqueeze(-1)).unsqueeze(-1)
-    folded = torch.where(keep, folded, torch.zeros_like(folded)).reshape(R, kp)
+    folded = torch.where(keep & (folded != 0), folded, torch.zeros_like(folded)).reshape(R, kp)
     bad = bad_rt.any(0)
-    folded = folded.reshape(R, nt, TILE)
-    folded[:, bad] = 0.0                                     # the slab is added exactly elsewhere
     tile_nan = nan_blk.reshape(R, nt, per).any(-1)
     scale = torch.where(tile_nan, torch.full(e_top.shape, float("nan"), device=e.device), _pow2(e_top))
     return E4M3Operand(folded.reshape(R, kp).to(torch.float8_e4m3fn), scale.t().contiguous(), bad, tile, K)
 
 
 def e4m3_dequantize(op: E4M3Operand) -> torch.Tensor:
-    """codes · scale as float32 [R, K] (the bad slabs of a tile=128 operand read as zero)."""
+    """codes · scale as float32 [R, K], with the flagged slabs of a tile=128 operand read as zero."""
     r = op.codes.shape[0]
     v = op.codes.to(torch.float32).reshape(r, -1, op.tile) * op.scales.t().unsqueeze(-1)
-    return v.reshape(r, -1)[:, :op.k]
+    v = v.reshape(r, -1)
+    if op.bad.any():
+        v = v.reshape(r, -1, TILE).masked_fill(op.bad.view(1, -1, 1), 0.0).reshape(r, -1)
+    return v[:, :op.k]
 
 
 def slab_columns(slabs: torch.Tensor, tile: int = TILE) -> torch.Tensor:

@@ -53,58 +53,113 @@ if triton is not None:
         return bits.to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _to_e4m3_kernel(data_ptr, scale_ptr, codes_ptr, out_scale_ptr, bad_ptr, R, K, KP,
-                        stride_d, stride_s, mult,
-                        FOLD: tl.constexpr, HAS_MULT: tl.constexpr, BR: tl.constexpr):
-        pid_r = tl.program_id(0)
-        pid_t = tl.program_id(1)
-        rows = pid_r * BR + tl.arange(0, BR)
-        kk = pid_t * 128 + tl.arange(0, 128)
-        rmask = rows < R
-        m2 = rmask[:, None] & (kk < K)[None, :]
-        byte = tl.load(data_ptr + rows[:, None] * stride_d + (kk // 2)[None, :], mask=m2, other=0).to(tl.int32)
-        nib = (byte >> ((kk & 1) * 4)[None, :]) & 15
-        sb = tl.load(scale_ptr + rows[:, None] * stride_s + (kk // 32)[None, :], mask=m2, other=127).to(tl.int32)
+    def _e2m1(nib):
+        """Signed E2M1 value of int32 codes 0..15 as float32; both zero codes give +0."""
         mag = nib & 7
         e2 = mag >> 1
         half = (mag & 1).to(tl.float32) * 0.5
         pw = tl.where(e2 == 3, 4.0, tl.where(e2 == 2, 2.0, 1.0))
-        val = tl.where(e2 == 0, half, (1.0 + half) * pw)     # |E2M1 value|
-        neg = (nib & 8) != 0
+        val = tl.where(e2 == 0, half, (1.0 + half) * pw)
+        val = tl.where((nib & 8) != 0, -val, val)
+        return tl.where(mag == 0, 0.0, val)
+
+    @triton.jit
+    def _to_e4m3_kernel(data_ptr, scale_ptr, codes_ptr, out_scale_ptr, bad_ptr, R, KB, NB, KP,
+                        stride_d, stride_s, mult,
+                        FOLD: tl.constexpr, HAS_MULT: tl.constexpr, BR: tl.constexpr):
+        """One program: BR rows x one 128-column tile (64 packed bytes, 4 scales per row)."""
+        pid_r = tl.program_id(0)
+        pid_t = tl.program_id(1)
+        rows = pid_r * BR + tl.arange(0, BR)
+        rmask = rows < R
+        kb = pid_t * 64 + tl.arange(0, 64)
+        byte = tl.load(data_ptr + rows[:, None] * stride_d + kb[None, :],
+                       mask=rmask[:, None] & (kb < KB)[None, :], other=0).to(tl.int32)
+        blk = pid_t * 4 + tl.arange(0, 4)
+        smask = rmask[:, None] & (blk < NB)[None, :]
+        sb = tl.load(scale_ptr + rows[:, None] * stride_s + blk[None, :], mask=smask, other=127).to(tl.int32)
         isnan = sb == 255
         e = sb - 127
-        qnan = tl.full([BR], 0x7FC00000, tl.int32).to(tl.float32, bitcast=True)
-        cmask = rmask[:, None] & (kk < KP)[None, :]
-        cptrs = codes_ptr + rows[:, None] * KP + kk[None, :]
+        qnan = tl.full([BR, 4], 0x7FC00000, tl.int32).to(tl.float32, bitcast=True)
         if FOLD:
-            live = (mag != 0) & (~isnan)
+            nzb = tl.max(tl.reshape(((byte & 0x77) != 0).to(tl.int32), (BR, 4, 16)), axis=2) > 0
+            live = nzb & (~isnan)
             emax = tl.max(tl.where(live, e, -1000), axis=1)
             emin = tl.min(tl.where(live, e, 1000), axis=1)
             has = emax > -1000
             etop = tl.where(has, emax, 0)
             bad_r = has & ((emax - emin) > 8)
             d = tl.minimum(tl.maximum(e - etop[:, None], -30), 0)
-            f = val * _pow2(d)
-            f = tl.where(neg, -f, f)
-            f = tl.where((~isnan) & (~bad_r[:, None]), f, 0.0)
-            tl.store(cptrs, f.to(tl.float8e4nv), mask=cmask)
+            fblk = tl.where((~isnan) & (~bad_r[:, None]), _pow2(d), 0.0)
             sc = _pow2(etop)
             if HAS_MULT:
                 sc = sc * mult
-            tnan = tl.max(tl.where(isnan & m2, 1, 0), axis=1) > 0
-            sc = tl.where(tnan, qnan, sc)
+            tnan = tl.max(isnan.to(tl.int32), axis=1) > 0
+            sc = tl.where(tnan, tl.max(qnan, axis=1), sc)
             tl.store(out_scale_ptr + pid_t * R + rows, sc, mask=rmask)
             tl.atomic_max(bad_ptr + pid_t, tl.max(bad_r.to(tl.int32), axis=0))
         else:
-            f = tl.where(neg, -val, val)
-            f = tl.where(isnan, 0.0, f)
-            tl.store(cptrs, f.to(tl.float8e4nv), mask=cmask)
+            fblk = tl.where(isnan, 0.0, 1.0)
             sc = _pow2(tl.minimum(e, 127))
             if HAS_MULT:
                 sc = sc * mult
-            sc = tl.where(isnan, qnan[:, None], sc)
-            smask = m2 & ((kk % 32) == 0)[None, :]
-            tl.store(out_scale_ptr + (kk // 32)[None, :] * R + rows[:, None], sc, mask=smask)
+            sc = tl.where(isnan, qnan, sc)
+            tl.store(out_scale_ptr + blk[None, :] * R + rows[:, None], sc, mask=smask)
+        lo = tl.reshape(_e2m1(byte & 15), (BR, 4, 16)) * fblk[:, :, None]
+        hi = tl.reshape(_e2m1(byte >> 4), (BR, 4, 16)) * fblk[:, :, None]
+        v = tl.reshape(tl.join(lo, hi), (BR, 128))
+        v = tl.where(v == 0.0, 0.0, v)
+        kk = pid_t * 128 + tl.arange(0, 128)
+        tl.store(codes_ptr + rows[:, None] * KP + kk[None, :], v.to(tl.float8e4nv),
+                 mask=rmask[:, None] & (kk < KP)[None, :])
+
+    @triton.jit
+    def _decode_block(data_ptr, scale_ptr, rows, stride_d, stride_s, kb, NB, B: tl.constexpr):
+        """Block kb (32 elements) of the given rows of a packed MXFP4 operand: E4M3 values [B, 32] and
+        float32 scales [B] (NaN for 0xFF)."""
+        ok = (tl.zeros([B], tl.int32) + kb) < NB
+        j = tl.arange(0, 16)
+        byte = tl.load(data_ptr + rows[:, None] * stride_d + kb * 16 + j[None, :],
+                       mask=ok[:, None] & (j < 16)[None, :], other=0).to(tl.int32)
+        v = tl.reshape(tl.join(_e2m1(byte & 15), _e2m1(byte >> 4)), (B, 32))
+        s = tl.load(scale_ptr + rows * stride_s + kb, mask=ok, other=127).to(tl.int32)
+        qnan = tl.full([B], 0x7FC00000, tl.int32).to(tl.float32, bitcast=True)
+        sc = tl.where(s == 255, qnan, _pow2(tl.minimum(s - 127, 127)))
+        return v.to(tl.float8e4nv), sc
+
+    @triton.jit
+    def _slab_fix_kernel(a_data, a_scale, b_data, b_scale, bad_ptr, c_ptr, counter_ptr, M, N, NT, NB,
+                         stride_ad, stride_as, stride_bd, stride_bs, stride_cm, stride_cn, alpha,
+                         BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr, HAS_ALPHA: tl.constexpr):
+        """C += alpha · A[:, S]·B[:, S]ᵀ over the flagged 128-column slabs S, straight from the packed
+        MXFP4 operands, promoting every 32-K block to float32 (exact). A program whose flags are all
+        zero writes nothing, so the launch costs only the flag reads when no slab is flagged."""
+        pid = tl.program_id(0)
+        pid_m, pid_n = _tile_ids(pid, M, N, BM, BN, GROUP_M)
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        ram = rm % M
+        rbn = rn % N
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        nfix = 0
+        for t in range(0, NT):
+            flag = tl.load(bad_ptr + t)
+            nfix += flag
+            if flag != 0:
+                for j in tl.static_range(4):
+                    av, sa = _decode_block(a_data, a_scale, ram, stride_ad, stride_as, t * 4 + j, NB, BM)
+                    bv, sb = _decode_block(b_data, b_scale, rbn, stride_bd, stride_bs, t * 4 + j, NB, BN)
+                    p = tl.dot(av, tl.trans(bv))
+                    acc += p * (sa[:, None] * sb[None, :])
+        if nfix > 0:
+            if HAS_ALPHA:
+                acc = acc * alpha
+            cmask = (rm < M)[:, None] & (rn < N)[None, :]
+            c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
+            acc = tl.load(c_ptrs, mask=cmask, other=0.0).to(tl.float32) + acc
+            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=cmask)
+            if pid == 0:
+                tl.atomic_add(counter_ptr, 1)
 
     @triton.jit
     def _tile_ids(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
@@ -186,8 +241,8 @@ def _need_triton(t: torch.Tensor) -> None:
 
 def to_e4m3(t: MXFP4Tensor, tile: int = TILE, mult: float = 1.0) -> E4M3Operand:
     """Triton twin of `layouts.to_e4m3_reference` (bit-exact for mult=1); `mult` scales the float32
-    scales (used to fold the GEMM's alpha into one operand). Zeroes the codes of bad slabs (tile=128),
-    which reads the slab flags back to the host when any is set."""
+    scales (used to fold the GEMM's alpha into one operand). No host synchronization: the slab flags
+    stay on the device."""
     _check_operand(t)
     _need_triton(t.data)
     if tile not in (fmt.BLOCK, TILE):
@@ -195,25 +250,39 @@ def to_e4m3(t: MXFP4Tensor, tile: int = TILE, mult: float = 1.0) -> E4M3Operand:
     R, K = t.shape
     kp = -(-K // tile) * tile
     dev = t.data.device
+    data = t.data if t.data.stride(1) == 1 else t.data.contiguous()
+    scales_in = t.scales if t.scales.stride(1) == 1 else t.scales.contiguous()
     codes = torch.empty((R, kp), dtype=torch.float8_e4m3fn, device=dev)
     scales = torch.empty((kp // tile, R), dtype=torch.float32, device=dev)
-    flags = torch.zeros(max(kp // TILE, 1) if tile == TILE else 1, dtype=torch.int32, device=dev)
-    br = 32
-    grid = (triton.cdiv(R, br), triton.cdiv(kp, 128))
-    _to_e4m3_kernel[grid](t.data, t.scales, codes, scales, flags, R, K, kp, t.data.stride(0), t.scales.stride(0),
-                          float(mult), FOLD=tile == TILE, HAS_MULT=float(mult) != 1.0, BR=br, num_warps=4)
-    if tile == TILE:
-        bad = flags.bool()
-        if bool(bad.any()):
-            codes.view(torch.uint8).view(R, -1, TILE)[:, bad] = 0
-    else:
-        bad = torch.zeros(kp // fmt.BLOCK, dtype=torch.bool, device=dev)
-    return E4M3Operand(codes, scales, bad, tile, K)
+    nt = -(-K // TILE)
+    flags = torch.zeros(nt, dtype=torch.int32, device=dev)
+    br = 64
+    grid = (triton.cdiv(R, br), nt)
+    _to_e4m3_kernel[grid](data, scales_in, codes, scales, flags, R, K // 2, K // fmt.BLOCK, kp, data.stride(0),
+                          scales_in.stride(0), float(mult), FOLD=tile == TILE, HAS_MULT=float(mult) != 1.0, BR=br,
+                          num_warps=4)
+    return E4M3Operand(codes, scales, flags.bool(), tile, K)
+
+
+def fix_bad_slabs(a: MXFP4Tensor, b: MXFP4Tensor, bad: torch.Tensor, alpha: float, out: torch.Tensor,
+                  counter: torch.Tensor, config=(128, 128, 4, 8)) -> torch.Tensor:
+    """out += alpha · A[:, S]·B[:, S]ᵀ over the 128-column slabs S flagged in `bad` (int32 [K/128], on the
+    device), exactly; adds 1 to `counter` (int32 [1]) when any slab was flagged. No host synchronization."""
+    _need_triton(a.data)
+    M, K = a.shape
+    N = b.shape[0]
+    bm, bn, warps, group = config
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    _slab_fix_kernel[grid](a.data, a.scales, b.data, b.scales, bad, out, counter, M, N, bad.numel(), K // fmt.BLOCK,
+                           a.data.stride(0), a.scales.stride(0), b.data.stride(0), b.scales.stride(0),
+                           out.stride(0), out.stride(1), float(alpha), BM=bm, BN=bn, GROUP_M=group,
+                           HAS_ALPHA=float(alpha) != 1.0, num_warps=warps)
+    return out
 
 
 #: (BM, BN, num_warps, num_stages, GROUP_M) per scale block; picked by measurement on the H200 (bench/gemm.py).
-FP8_GEMM_CONFIGS = {32: (128, 128, 8, 6, 8), 128: (128, 128, 8, 4, 8)}
-DOT_SCALED_CONFIG = (128, 128, 128, 8, 3, 8)  # BM, BN, BK, num_warps, num_stages, GROUP_M
+FP8_GEMM_CONFIGS = {32: (128, 128, 4, 4, 8), 128: (256, 64, 8, 4, 8)}
+DOT_SCALED_CONFIG = (128, 256, 128, 8, 3, 8)  # BM, BN, BK, num_warps, num_stages, GROUP_M
 
 
 def _epilogue_target(m, n, out_dtype, accumulate_into, dev):

@@ -125,10 +125,14 @@ def test_cross_scaled_slabs_use_the_exact_fallback(backend):
     sb[:, 0::4] -= 30
     a = MXFP4Tensor(a.data, sa, a.prescale, 1, a.shape)
     b = MXFP4Tensor(b.data, sb, b.prescale, 1, b.shape)
-    with pytest.warns(RuntimeWarning, match="exact 32-K path"):
-        import megatron_mxfp4.ops.hopper_gemm as hg
-        hg._warned.discard("bad_slabs")
-        c = mxfp4_gemm(a, b, backend=backend)
+    import megatron_mxfp4.ops.hopper_gemm as hg
+
+    hg._warned.discard("bad_slabs")
+    before = hg.monitor.calls_with_fallback(DEV)
+    c = mxfp4_gemm(a, b, backend=backend)
+    assert hg.monitor.calls_with_fallback(DEV) == before + 1      # synchronizes
+    with pytest.warns(RuntimeWarning, match="exact 32-K path"):   # reported without a sync, one call later
+        mxfp4_gemm(a, b, backend=backend)
     err = rel(c, exact64(a, b))
     ERRORS[f"{backend}/cross30"] = err
     assert err <= EXACT_TOL
