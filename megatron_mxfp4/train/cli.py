@@ -1,0 +1,241 @@
+"""``mxfp4-train``: A/B training of a megatron-core GPT with the backward GEMMs of its decoder
+linears in BF16, FP8 or MXFP4 variants, on real text, with a loss plot and a summary table.
+
+    mxfp4-train --preset tiny --arms bf16,mxfp4,mxfp4-rht-sr             # CPU, a few minutes
+    mxfp4-train --preset small --arms bf16,mxfp4,mxfp4-rht-sr --seeds 1,2  # GPU, Wikipedia
+    torchrun --nproc-per-node 2 -m megatron_mxfp4.train --preset small --tp 2 --arms bf16,mxfp4-rht-sr
+    mxfp4-train --list-arms
+
+Every (arm, seed) trains in ``OUT/<arm>-s<seed>/`` from the same initial weights on the same
+batches in the same order; re-running the same command resumes unfinished arms from their last
+checkpoint and skips finished ones. ``OUT/summary.md`` and ``OUT/loss.png`` cover every arm in
+``OUT``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+
+from .arms import ARMS, arms_table, parse_arms, parse_seeds
+from .presets import FIELDS, PRESETS
+
+# Config fields that define a run: resuming or adding arms with other values is refused.
+_IDENTITY = ("layers", "hidden", "heads", "ffn", "seq_length", "dropout", "init_std", "steps", "global_batch",
+             "lr", "min_lr", "warmup", "weight_decay", "clip_grad", "beta2", "corpus", "split", "eval_interval",
+             "eval_samples")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mxfp4-train", description=__doc__.split("\n\n")[0],
+                                 epilog="arms: " + ", ".join(ARMS), formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    ap.add_argument("--arms", default="bf16,mxfp4,mxfp4-rht-sr", help="comma list of arm names (--list-arms)")
+    ap.add_argument("--seeds", default="1", help="comma list of seeds (init, data order, dropout, SR/RHT streams)")
+    ap.add_argument("--out", default="", help="run folder (default: runs/<preset>)")
+    ap.add_argument("--list-arms", action="store_true", help="print the arms table and exit")
+    ap.add_argument("--report-only", action="store_true", help="only (re)write summary.md and loss.png of --out")
+    d = ap.add_argument_group("data")
+    d.add_argument("--corpus", choices=("stdlib", "wiki"), default=None, help="built-in corpus (preset default)")
+    d.add_argument("--data-path", default="", help="indexed dataset PREFIX made by mxfp4-preprocess (instead of "
+                                                   "a built-in corpus)")
+    d.add_argument("--tokenizer", default="", help="tokenizers JSON file (default: the committed bpe-8k)")
+    d.add_argument("--split", default=None, help="train,valid,test document weights (preset default)")
+    h = ap.add_argument_group("model and optimization (override the preset)")
+    for name, typ in (("layers", int), ("hidden", int), ("heads", int), ("ffn", int), ("seq-length", int),
+                      ("dropout", float), ("init-std", float), ("steps", int), ("global-batch", int),
+                      ("micro-batch", int), ("lr", float), ("min-lr", float), ("warmup", int),
+                      ("weight-decay", float), ("clip-grad", float), ("beta2", float), ("eval-interval", int),
+                      ("eval-samples", int), ("save-interval", int), ("log-interval", int)):
+        h.add_argument("--" + name, type=typ, default=None)
+    s = ap.add_argument_group("system")
+    s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    s.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="model dtype (auto: bf16 on GPU, fp32 on CPU)")
+    s.add_argument("--tp", type=int, default=1, help="tensor-parallel size (under torchrun)")
+    s.add_argument("--transformer-impl", choices=("local", "transformer_engine"), default="local",
+                   help="megatron-core layer spec of every arm (te-fp8 always uses TE)")
+    s.add_argument("--mxfp4-backend", default="auto", help="kernel backend of the MXFP4 arms")
+    s.add_argument("--shard", default="0/1", help="i/n: run only every n-th (arm, seed) job starting at i "
+                                                  "(e.g. one process per GPU)")
+    s.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
+    s.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    s.add_argument("--exit-after-step", type=int, default=None, help=argparse.SUPPRESS)  # tests: a hard stop
+    return ap
+
+
+def resolve_config(args):
+    cfg = PRESETS[args.preset]
+    kw = {f: getattr(args, f) for f in FIELDS if hasattr(args, f)}
+    cfg = cfg.override(**kw)
+    for f in ("layers", "hidden", "heads", "ffn", "seq_length", "steps", "global_batch", "micro_batch",
+              "eval_interval", "eval_samples", "save_interval", "log_interval"):
+        if getattr(cfg, f) <= 0:
+            raise ValueError(f"--{f.replace('_', '-')} must be positive, got {getattr(cfg, f)}")
+    if cfg.hidden % cfg.heads:
+        raise ValueError(f"--hidden {cfg.hidden} is not a multiple of --heads {cfg.heads}")
+    if cfg.global_batch % cfg.micro_batch:
+        raise ValueError(f"--global-batch {cfg.global_batch} is not a multiple of --micro-batch {cfg.micro_batch}")
+    if not 0 <= cfg.dropout < 1:
+        raise ValueError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.min_lr > cfg.lr:
+        raise ValueError(f"--min-lr {cfg.min_lr} is above --lr {cfg.lr}")
+    return cfg
+
+
+def _parse_shard(text: str):
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like i/n, got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+def _check_run_folder(out: str, meta: dict) -> None:
+    path = os.path.join(out, "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        diff = {k: (old.get("config", {}).get(k), meta["config"][k]) for k in _IDENTITY
+                if old.get("config", {}).get(k) != meta["config"][k]}
+        if old.get("data", {}).get("corpus_fingerprint") != meta["data"].get("corpus_fingerprint"):
+            diff["data"] = (old.get("data", {}).get("corpus_fingerprint"), meta["data"].get("corpus_fingerprint"))
+        if old.get("tp", 1) != meta["tp"]:
+            diff["tp"] = (old.get("tp", 1), meta["tp"])
+        if diff:
+            raise SystemExit(f"mxfp4-train: {out} holds a run with other settings "
+                             f"({', '.join(f'{k}: {a} -> {b}' for k, a, b in ((k, *v) for k, v in diff.items()))}); "
+                             "use another --out")
+    else:
+        os.makedirs(out, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+
+def main(argv=None):
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.list_arms:
+        print(arms_table())
+        return 0
+    out = args.out or os.path.join("runs", args.preset)
+    if args.report_only:
+        from .report import write_summary
+
+        print(write_summary(out))
+        print(f"\nwrote {os.path.join(out, 'summary.md')}")
+        return 0
+    try:
+        arms = parse_arms(args.arms)
+        seeds = parse_seeds(args.seeds)
+        cfg = resolve_config(args)
+        shard = _parse_shard(args.shard)
+        if args.tp < 1:
+            raise ValueError(f"--tp must be >= 1, got {args.tp}")
+    except ValueError as e:
+        ap.error(str(e))
+    return run(args, cfg, arms, seeds, shard, out, argv)
+
+
+def run(args, cfg, arms, seeds, shard, out, argv) -> int:
+    import torch
+
+    from .model import import_megatron, init_distributed, te_available
+
+    t_start = time.time()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for a in arms:
+        if a.te_fp8 and not te_available():
+            raise SystemExit(f"mxfp4-train: arm {a.name!r} needs Transformer Engine (import transformer_engine.pytorch "
+                             "failed); install it or leave the arm out")
+    import_megatron()
+    dist = init_distributed(args.device, args.tp, seed=seeds[0])
+    if args.dtype == "auto":
+        dtype = torch.bfloat16 if dist.device.type == "cuda" else torch.float32
+    else:
+        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    is_main = dist.rank == 0
+    log = print if is_main else (lambda *a, **k: None)
+    data_prefix, data_meta = _prepare_data(args, cfg, out, dist)
+    from ..data.indexed import build_gpt_datasets, tokenizer_info
+
+    tok = tokenizer_info(data_prefix, _tokenizer_if_given(args))
+    command = "mxfp4-train " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    meta = {"preset": args.preset, "command": command, "config": cfg.to_dict(), "tp": dist.tp,
+            "params": cfg.params_estimate(tok.vocab_size), "data": data_meta,
+            "transformer_impl": args.transformer_impl, "dtype": str(dtype).replace("torch.", "")}
+    if is_main:
+        _check_run_folder(out, meta)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    jobs = [(a, s) for s in seeds for a in arms]
+    jobs = [j for k, j in enumerate(jobs) if k % shard[1] == shard[0]]
+    log(f"mxfp4-train: preset {args.preset}, {len(jobs)} run(s) ({', '.join(f'{a.name}/s{s}' for a, s in jobs)}); "
+        f"{dist.device.type} {str(dtype).replace('torch.', '')}, TP {dist.tp} × DP {dist.dp}; data "
+        f"{data_meta.get('source')}: {data_meta.get('tokens', 0):,} tokens; ~{meta['params'] / 1e6:.1f}M parameters")
+    from .loop import train_arm
+
+    datasets = {}
+    for arm, seed in jobs:
+        if seed not in datasets:
+            datasets = {seed: build_gpt_datasets(
+                data_prefix, tok, seq_length=cfg.seq_length, seed=seed, train_samples=cfg.steps * cfg.global_batch,
+                split=cfg.split, cache_dir=os.path.join(out, "data", "cache"))}
+        train_arm(arm.with_seed(seed, args.mxfp4_backend), seed, cfg, dist, os.path.join(out, f"{arm.name}-s{seed}"),
+                  datasets[seed], dtype=dtype, impl=args.transformer_impl, vocab_size=tok.vocab_size,
+                  progress=not args.no_progress and sys.stderr.isatty(), exit_after_step=args.exit_after_step,
+                  log=log)
+    if is_main:
+        from .report import write_summary
+
+        tab = write_summary(out)
+        log("\n" + tab)
+        log(f"\nwrote {os.path.join(out, 'summary.md')} and loss.png ({time.time() - t_start:.0f} s)")
+    return 0
+
+
+def _tokenizer_if_given(args):
+    if args.tokenizer:
+        from ..data.tokenizer import load_tokenizer
+
+        return load_tokenizer(args.tokenizer)
+    return None
+
+
+def _prepare_data(args, cfg, out, dist):
+    """(indexed-dataset prefix, its metadata): a user dataset, or the preset's built-in corpus
+    tokenized once into OUT/data."""
+    import torch
+
+    from ..data.indexed import dataset_summary, prepare_builtin, read_meta
+
+    if args.data_path:
+        prefix = args.data_path
+        if not args.tokenizer:
+            read_meta(prefix)  # a clear error when files or sidecar are missing
+        meta = dataset_summary(prefix) or {"source": prefix}
+    else:
+        prefix = None
+        if dist.rank == 0:
+            prefix = prepare_builtin(cfg.corpus, os.path.join(out, "data"), args.tokenizer)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            box = [prefix]
+            torch.distributed.broadcast_object_list(box, src=0)
+            prefix = box[0]
+        meta = read_meta(prefix)
+    meta = dict(meta)
+    meta["prefix"] = os.path.abspath(prefix)
+    tok = meta.get("tokenizer", {})
+    meta["tokenizer"] = f"{tok.get('name', '?')} (vocab {tok.get('vocab_size', '?')}, sha256 {tok.get('sha256', '?')})" \
+        if isinstance(tok, dict) else tok
+    parts = [float(p) for p in cfg.split.split(",")]
+    if meta.get("tokens"):
+        meta["train_tokens"] = int(meta["tokens"] * parts[0] / sum(parts))
+    return prefix, meta
