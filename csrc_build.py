@@ -39,6 +39,7 @@ def nvcc_path():
 
 
 def known_archs(nvcc: str) -> set:
+    """Virtual architectures nvcc lists ("90", "100", ...); "90a"/"100f" variants share their number."""
     try:
         out = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
@@ -54,7 +55,7 @@ def gencode_flags(archs: str, nvcc=None) -> list:
     for arch in (a.strip() for a in archs.replace(",", ";").split(";")):
         if not arch:
             continue
-        if known and arch not in known:
+        if known and arch.rstrip("af") not in known:
             print(f"csrc_build: nvcc does not know sm_{arch}; skipping it")
             continue
         flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")

@@ -4,7 +4,6 @@ Every test compares packed codes and E8M0 scales byte for byte with `quantize_re
 the same device: its float32 element-wise operations are IEEE and its Philox stream is integer
 arithmetic, so it is the oracle on the GPU as on the CPU; one test checks that as well).
 """
-import math
 import warnings
 
 import pytest

@@ -1,0 +1,37 @@
+"""A small quantize workload for compute-sanitizer (tests/gpu/run.sh): every kernel mode, partial
+tiles, padded rows, drawn signs, device seed/offset. Exits non-zero on any mismatch."""
+import torch
+
+from megatron_mxfp4.numerics.quantize import quantize_reference
+from megatron_mxfp4.ops import quantize_mxfp4, quantize_mxfp4_dual
+from megatron_mxfp4.ops.dispatch import quantize_dual_reference
+
+
+def same(a, b):
+    return torch.equal(a.data, b.data) and torch.equal(a.scales, b.scales)
+
+
+def main():
+    torch.manual_seed(0)
+    ok = True
+    seed_t = torch.tensor([12345], dtype=torch.int64, device="cuda")
+    for dtype in (torch.bfloat16, torch.float32):
+        for g in (0, 64, 256):
+            k = max(g, 32)
+            x = torch.randn(72, 2 * k + (32 if g < 64 else 0) + k, device="cuda").to(dtype)
+            kw = dict(rounding="sr", rht_block=g, seed=12345, offset=7)
+            ok &= same(quantize_mxfp4(x, -1, backend="cuda", **dict(kw, seed=seed_t)), quantize_reference(x, -1, **kw))
+            base = torch.randn(3 * k, 36, device="cuda").to(dtype)  # 36 bf16 columns: padded rows
+            ok &= same(quantize_mxfp4(base.t(), -1, backend="cuda", **kw), quantize_reference(base.t(), -1, **kw))
+            xd = torch.randn(2 * k, 3 * k, device="cuda").to(dtype)
+            dkw = dict(rounding="sr", rht_block=g, seed=3, offset_row=1, offset_col=2)
+            r, c = quantize_mxfp4_dual(xd, backend="cuda", **dkw)
+            rr, rc = quantize_dual_reference(xd, **dkw)
+            ok &= same(r, rr) and same(c, rc)
+    torch.cuda.synchronize()
+    print("sanitize workload:", "ok" if ok else "MISMATCH")
+    raise SystemExit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
