@@ -113,6 +113,26 @@ def test_nan_block_makes_the_tile_scale_nan():
         assert torch.equal(torch.isnan(L.e4m3_dequantize(op)).any(1), torch.tensor([False, False, True]))
 
 
+@pytest.mark.parametrize("tile", [32, 128])
+def test_split_order_permutes_within_blocks_only(tile):
+    t = spread_operand(8, 256, 5, seed=13)
+    nat, spl = L.to_e4m3_reference(t, tile), L.to_e4m3_reference(t, tile, order="split")
+    assert torch.equal(L.e4m3_dequantize(spl), L.e4m3_dequantize(nat))
+    assert torch.equal(spl.scales, nat.scales)
+    # element 2j+h of a block sits at 16h+j: byte j's low nibble first, then the high nibbles
+    c = spl.codes.view(torch.uint8)[:, :32]
+    n = nat.codes.view(torch.uint8)[:, :32]
+    assert torch.equal(c[:, :16], n[:, 0::2]) and torch.equal(c[:, 16:], n[:, 1::2])
+    assert not torch.equal(c, n)   # control: the order does change the bytes
+    # a GEMM on split operands equals the one on natural operands
+    b = spread_operand(6, 256, 5, seed=14)
+    sb = L.to_e4m3_reference(b, tile, order="split")
+    c_split = spl.codes.float() * spl.scales.t().repeat_interleave(tile, 1) @ \
+        (sb.codes.float() * sb.scales.t().repeat_interleave(tile, 1)).t()
+    assert torch.allclose(c_split, L.e4m3_dequantize(nat) @ L.e4m3_dequantize(L.to_e4m3_reference(b, tile)).t(),
+                          rtol=1e-6, atol=0)
+
+
 def test_partial_last_tile_is_zero_padded():
     t = spread_operand(8, 160, 3, seed=11)   # K = 160: one full tile + 32 columns
     op = L.to_e4m3_reference(t)
@@ -290,12 +310,13 @@ R, K = 40, 320
 x = torch.randn(R, K) * torch.exp2(torch.randint(-6, 1, (R, K // 32)).float()).repeat_interleave(32, 1)
 x[3, 0:32] = 0; x[5, 64:96] = float("nan"); x[7, 128:160] *= 2.0 ** -12
 t = quantize_reference(x, rounding="sr", seed=3)
-for tile in (32, 128):
-    ref = L.to_e4m3_reference(t, tile)
+for tile, order in ((32, "natural"), (128, "natural"), (32, "split"), (128, "split")):
+    ref = L.to_e4m3_reference(t, tile, order=order)
     kp = -(-K // tile) * tile
     codes = torch.empty((R, kp), dtype=torch.float8_e4m3fn); scales = torch.empty((kp // tile, R))
     flags = torch.zeros(3, dtype=torch.int32)
-    tg._to_e4m3_kernel[(2, 3)](t.data, t.scales, codes, scales, flags, R, K // 2, K // 32, kp,
+    kern = tg._to_e4m3_split_kernel if order == "split" else tg._to_e4m3_kernel
+    kern[(2, 3)](t.data, t.scales, codes, scales, flags, R, K // 2, K // 32, kp,
         t.data.stride(0), t.scales.stride(0), 1.0, FOLD=tile == 128, HAS_MULT=False, BR=32)
     assert flags.bool().tolist() == ref.bad.tolist() == ([False, True, False] if tile == 128 else [False] * 3)
     assert torch.equal(codes.view(torch.uint8), ref.codes.view(torch.uint8)), tile

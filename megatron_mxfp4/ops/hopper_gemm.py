@@ -59,15 +59,20 @@ class _FallbackMonitor:
     def __init__(self):
         self._state = {}
 
+    @staticmethod
+    def _key(device):
+        device = torch.device(device)
+        return device.index if device.index is not None else torch.cuda.current_device()
+
     def counter(self, device) -> torch.Tensor:
-        st = self._state.get(device)
+        st = self._state.get(self._key(device))
         if st is None:
-            st = self._state[device] = dict(dev=torch.zeros(1, dtype=torch.int32, device=device),
+            st = self._state[self._key(device)] = dict(dev=torch.zeros(1, dtype=torch.int32, device=device),
                                             host=torch.zeros(1, dtype=torch.int32, pin_memory=True), event=None)
         return st["dev"]
 
     def after_call(self, device) -> None:
-        st = self._state[device]
+        st = self._state[self._key(device)]
         if "bad_slabs" in _warned:
             return
         ev = st["event"]
@@ -81,7 +86,7 @@ class _FallbackMonitor:
 
     def calls_with_fallback(self, device) -> int:
         """How many calls on `device` needed the fallback so far (synchronizes)."""
-        st = self._state.get(torch.device(device))
+        st = self._state.get(self._key(device))
         return 0 if st is None else int(st["dev"].item())
 
 
@@ -126,11 +131,12 @@ def _finish(out: torch.Tensor, out_dtype, accumulate_into):
 def tile_operands(a: MXFP4Tensor, b: MXFP4Tensor, mult_b: float = 1.0):
     """Both operands in the E4M3-tile layout, ready for a GEMM: A's scales are zeroed on the slabs flagged in
     either operand (those are added by `fix_bad_slabs`). Returns (oa, ob, flags int32 [K/128])."""
-    oa = to_e4m3(a, TILE)
-    ob = to_e4m3(b, TILE, mult=mult_b)
-    bad = oa.bad | ob.bad
-    oa = replace(oa, scales=torch.where(bad.unsqueeze(1), 0.0, oa.scales))
-    return oa, ob, bad.to(torch.int32)
+    flags = torch.zeros((2, -(-a.shape[1] // TILE)), dtype=torch.int32, device=a.data.device)
+    oa = to_e4m3(a, TILE, flags=flags[0])
+    ob = to_e4m3(b, TILE, mult=mult_b, flags=flags[1])
+    bad = flags.amax(0)
+    oa = replace(oa, scales=torch.where(bad.unsqueeze(1) != 0, 0.0, oa.scales))
+    return oa, ob, bad
 
 
 def exact_gemm(a: MXFP4Tensor, b: MXFP4Tensor, out_dtype=torch.float32, alpha: float = 1.0,

@@ -45,12 +45,18 @@ MAX_TILE_SPAN = 8
 _E8M0_ONE = fmt.E8M0_BIAS
 
 
+#: Orders of the codes inside each 32-block: "natural", or "split" (its 16 even elements, then its 16
+#: odd ones — what one packed byte holds, low nibbles first). Both operands of a GEMM must agree.
+ORDERS = ("natural", "split")
+
+
 @dataclass(frozen=True)
 class E4M3Operand:
     """An MXFP4 operand as FP8 E4M3 codes + float32 scales (see the module docstring).
 
-    codes [R, Kp] float8_e4m3fn; scales [Kp / tile, R] float32; bad [ceil(K / 128)] bool (tile=128: K-slabs
-    with a row-tile spanning more than 8 binades, whose codes are zero; tile=32: all False); k = K.
+    codes [R, Kp] float8_e4m3fn; scales [Kp / tile, R] float32; bad [ceil(K / 128)] (nonzero = flagged;
+    tile=128: K-slabs with a row-tile spanning more than 8 binades, whose codes are zero; tile=32: none);
+    k = K; order: the element order inside each 32-block (`ORDERS`).
     """
 
     codes: torch.Tensor
@@ -58,6 +64,7 @@ class E4M3Operand:
     bad: torch.Tensor
     tile: int
     k: int
+    order: str = "natural"
 
 
 def _check_operand(t: MXFP4Tensor, what: str = "operand") -> None:
@@ -75,11 +82,32 @@ def _pow2(e: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.float32)
 
 
-def to_e4m3_reference(t: MXFP4Tensor, tile: int = TILE) -> E4M3Operand:
+def _split(codes: torch.Tensor) -> torch.Tensor:
+    """Natural -> split order inside each 32-block (element 2j+h of a block goes to 16h+j)."""
+    r = codes.shape[0]
+    return codes.reshape(r, -1, 16, 2).transpose(2, 3).reshape(r, -1)
+
+
+def _unsplit(codes: torch.Tensor) -> torch.Tensor:
+    r = codes.shape[0]
+    return codes.reshape(r, -1, 2, 16).transpose(2, 3).reshape(r, -1)
+
+
+def to_e4m3_reference(t: MXFP4Tensor, tile: int = TILE, order: str = "natural") -> E4M3Operand:
     """Convert a [R, K] MXFP4Tensor (quantized along K) to E4M3 codes + per-`tile` float32 scales."""
     _check_operand(t)
     if tile not in (fmt.BLOCK, TILE):
         raise ValueError(f"tile must be {fmt.BLOCK} or {TILE}, got {tile}")
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    op = _to_e4m3_natural(t, tile)
+    if order == "split":
+        op = E4M3Operand(_split(op.codes.view(torch.uint8)).view(torch.float8_e4m3fn).contiguous(), op.scales,
+                         op.bad, tile, op.k, "split")
+    return op
+
+
+def _to_e4m3_natural(t: MXFP4Tensor, tile: int) -> E4M3Operand:
     R, K = t.shape
     kp = -(-K // tile) * tile
     codes = t.codes().to(torch.int64)                       # [R, K]
@@ -121,8 +149,11 @@ def e4m3_dequantize(op: E4M3Operand) -> torch.Tensor:
     r = op.codes.shape[0]
     v = op.codes.to(torch.float32).reshape(r, -1, op.tile) * op.scales.t().unsqueeze(-1)
     v = v.reshape(r, -1)
-    if op.bad.any():
-        v = v.reshape(r, -1, TILE).masked_fill(op.bad.view(1, -1, 1), 0.0).reshape(r, -1)
+    if op.order == "split":
+        v = _unsplit(v)
+    bad = op.bad.bool()
+    if bad.any():
+        v = v.reshape(r, -1, TILE).masked_fill(bad.view(1, -1, 1), 0.0).reshape(r, -1)
     return v[:, :op.k]
 
 

@@ -22,6 +22,7 @@ import torch
 from ..numerics import format as fmt
 from ..numerics.quantize import MXFP4Tensor, gemm_alpha
 from .dispatch import register_gemm
+from . import layouts as L
 from .layouts import TILE, E4M3Operand, _check_operand
 
 try:  # Triton is optional: CPU-only installs still import the package.
@@ -112,6 +113,60 @@ if triton is not None:
         kk = pid_t * 128 + tl.arange(0, 128)
         tl.store(codes_ptr + rows[:, None] * KP + kk[None, :], v.to(tl.float8e4nv),
                  mask=rmask[:, None] & (kk < KP)[None, :])
+
+    @triton.jit
+    def _to_e4m3_split_kernel(data_ptr, scale_ptr, codes_ptr, out_scale_ptr, bad_ptr, R, KB, NB, KP,
+                              stride_d, stride_s, mult,
+                              FOLD: tl.constexpr, HAS_MULT: tl.constexpr, BR: tl.constexpr):
+        """As `_to_e4m3_kernel`, writing each 32-block's codes in "split" order (its 16 even elements,
+        then its 16 odd ones): 3-d tiles [BR, 4 blocks, 16 bytes], no register shuffles."""
+        pid_r = tl.program_id(0)
+        pid_t = tl.program_id(1)
+        rows = pid_r * BR + tl.arange(0, BR)
+        rmask = rows < R
+        blk = pid_t * 4 + tl.arange(0, 4)
+        j = tl.arange(0, 16)
+        kb3 = blk[None, :, None] * 16 + j[None, None, :]
+        r3 = rows[:, None, None]
+        byte = tl.load(data_ptr + r3 * stride_d + kb3, mask=(r3 < R) & (kb3 < KB), other=0).to(tl.int32)
+        smask = rmask[:, None] & (blk < NB)[None, :]
+        sb = tl.load(scale_ptr + rows[:, None] * stride_s + blk[None, :], mask=smask, other=127).to(tl.int32)
+        isnan = sb == 255
+        e = sb - 127
+        qnan = tl.full([BR, 4], 0x7FC00000, tl.int32).to(tl.float32, bitcast=True)
+        if FOLD:
+            nzb = tl.max(((byte & 0x77) != 0).to(tl.int32), axis=2) > 0
+            live = nzb & (~isnan)
+            emax = tl.max(tl.where(live, e, -1000), axis=1)
+            emin = tl.min(tl.where(live, e, 1000), axis=1)
+            has = emax > -1000
+            etop = tl.where(has, emax, 0)
+            bad_r = has & ((emax - emin) > 8)
+            d = tl.minimum(tl.maximum(e - etop[:, None], -30), 0)
+            fblk = tl.where((~isnan) & (~bad_r[:, None]), _pow2(d), 0.0)
+            sc = _pow2(etop)
+            if HAS_MULT:
+                sc = sc * mult
+            tnan = tl.max(isnan.to(tl.int32), axis=1) > 0
+            sc = tl.where(tnan, tl.max(qnan, axis=1), sc)
+            tl.store(out_scale_ptr + pid_t * R + rows, sc, mask=rmask)
+            tl.atomic_max(bad_ptr + pid_t, tl.max(bad_r.to(tl.int32), axis=0))
+        else:
+            fblk = tl.where(isnan, 0.0, 1.0)
+            sc = _pow2(tl.minimum(e, 127))
+            if HAS_MULT:
+                sc = sc * mult
+            sc = tl.where(isnan, qnan, sc)
+            tl.store(out_scale_ptr + blk[None, :] * R + rows[:, None], sc, mask=smask)
+        lo = _e2m1(byte & 15) * fblk[:, :, None]
+        hi = _e2m1(byte >> 4) * fblk[:, :, None]
+        lo = tl.where(lo == 0.0, 0.0, lo)
+        hi = tl.where(hi == 0.0, 0.0, hi)
+        col = blk[None, :, None] * 32 + j[None, None, :]
+        cmask = (r3 < R) & (col < KP)
+        base = codes_ptr + r3 * KP + col
+        tl.store(base, lo.to(tl.float8e4nv), mask=cmask)
+        tl.store(base + 16, hi.to(tl.float8e4nv), mask=cmask)
 
     @triton.jit
     def _decode_block(data_ptr, scale_ptr, rows, stride_d, stride_s, kb, NB, B: tl.constexpr):
@@ -239,14 +294,25 @@ def _need_triton(t: torch.Tensor) -> None:
         raise RuntimeError(f"megatron_mxfp4 Triton kernels: {reason}")
 
 
-def to_e4m3(t: MXFP4Tensor, tile: int = TILE, mult: float = 1.0) -> E4M3Operand:
+#: Element order of the converted codes inside each 32-block: "split" (16 even, then 16 odd elements;
+#: the faster conversion) or "natural". A GEMM is unchanged by a K permutation applied to both operands
+#: that keeps every 32-block in place.
+CONVERSION_ORDER = "split"
+
+
+def to_e4m3(t: MXFP4Tensor, tile: int = TILE, mult: float = 1.0, order: Optional[str] = None,
+            flags: Optional[torch.Tensor] = None) -> E4M3Operand:
     """Triton twin of `layouts.to_e4m3_reference` (bit-exact for mult=1); `mult` scales the float32
-    scales (used to fold the GEMM's alpha into one operand). No host synchronization: the slab flags
-    stay on the device."""
+    scales (used to fold the GEMM's alpha into one operand). `flags`: an int32 [ceil(K/128)] zero
+    buffer to write the slab flags into (allocated when None); the operand's `bad` is that buffer
+    (nonzero = flagged). No host synchronization."""
     _check_operand(t)
     _need_triton(t.data)
+    order = order or CONVERSION_ORDER
     if tile not in (fmt.BLOCK, TILE):
         raise ValueError(f"tile must be {fmt.BLOCK} or {TILE}, got {tile}")
+    if order not in L.ORDERS:
+        raise ValueError(f"order must be one of {L.ORDERS}, got {order!r}")
     R, K = t.shape
     kp = -(-K // tile) * tile
     dev = t.data.device
@@ -255,13 +321,14 @@ def to_e4m3(t: MXFP4Tensor, tile: int = TILE, mult: float = 1.0) -> E4M3Operand:
     codes = torch.empty((R, kp), dtype=torch.float8_e4m3fn, device=dev)
     scales = torch.empty((kp // tile, R), dtype=torch.float32, device=dev)
     nt = -(-K // TILE)
-    flags = torch.zeros(nt, dtype=torch.int32, device=dev)
+    if flags is None:
+        flags = torch.zeros(nt, dtype=torch.int32, device=dev)
+    kernel = _to_e4m3_split_kernel if order == "split" else _to_e4m3_kernel
     br = 64
-    grid = (triton.cdiv(R, br), nt)
-    _to_e4m3_kernel[grid](data, scales_in, codes, scales, flags, R, K // 2, K // fmt.BLOCK, kp, data.stride(0),
-                          scales_in.stride(0), float(mult), FOLD=tile == TILE, HAS_MULT=float(mult) != 1.0, BR=br,
-                          num_warps=4)
-    return E4M3Operand(codes, scales, flags.bool(), tile, K)
+    kernel[(triton.cdiv(R, br), nt)](data, scales_in, codes, scales, flags, R, K // 2, K // fmt.BLOCK, kp,
+                                     data.stride(0), scales_in.stride(0), float(mult), FOLD=tile == TILE,
+                                     HAS_MULT=float(mult) != 1.0, BR=br, num_warps=4)
+    return E4M3Operand(codes, scales, flags, tile, K, order)
 
 
 def fix_bad_slabs(a: MXFP4Tensor, b: MXFP4Tensor, bad: torch.Tensor, alpha: float, out: torch.Tensor,
@@ -281,7 +348,7 @@ def fix_bad_slabs(a: MXFP4Tensor, b: MXFP4Tensor, bad: torch.Tensor, alpha: floa
 
 
 #: (BM, BN, num_warps, num_stages, GROUP_M) per scale block; picked by measurement on the H200 (bench/gemm.py).
-FP8_GEMM_CONFIGS = {32: (128, 128, 4, 4, 8), 128: (256, 64, 8, 4, 8)}
+FP8_GEMM_CONFIGS = {32: (128, 128, 4, 4, 8), 128: (128, 64, 4, 4, 8)}
 DOT_SCALED_CONFIG = (128, 256, 128, 8, 3, 8)  # BM, BN, BK, num_warps, num_stages, GROUP_M
 
 
@@ -296,9 +363,9 @@ def fp8_scaled_gemm(oa: E4M3Operand, ob: E4M3Operand, out_dtype=torch.float32, a
     """alpha · A·Bᵀ from two E4M3 operands of the same tile (32: exact on any input; 128: exact on the
     slabs that are not flagged bad — their codes are zero, the caller adds them). `alpha` is the final
     float32 factor. Accumulates into `accumulate_into` (float32) when given."""
-    if oa.tile != ob.tile or oa.codes.shape[1] != ob.codes.shape[1]:
-        raise ValueError(f"operands differ in tile ({oa.tile}, {ob.tile}) or padded K "
-                         f"({oa.codes.shape[1]}, {ob.codes.shape[1]})")
+    if oa.tile != ob.tile or oa.codes.shape[1] != ob.codes.shape[1] or oa.order != ob.order:
+        raise ValueError(f"operands differ in tile ({oa.tile}, {ob.tile}), padded K "
+                         f"({oa.codes.shape[1]}, {ob.codes.shape[1]}) or order ({oa.order}, {ob.order})")
     _need_triton(oa.codes)
     M, N = oa.codes.shape[0], ob.codes.shape[0]
     sb_ = oa.tile
