@@ -52,7 +52,6 @@ def write_indexed_dataset(docs: Sequence[str], tokenizer, prefix: str, *, source
     """Tokenize `docs` (each followed by eod) into ``prefix.bin/.idx`` + ``prefix.meta.json``.
     Returns the metadata."""
     import numpy as np
-    import torch
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
     if not docs:
@@ -66,7 +65,7 @@ def write_indexed_dataset(docs: Sequence[str], tokenizer, prefix: str, *, source
         for ids in tokenizer.tokenize_batch(docs[i:i + batch_docs]):
             ids.append(tokenizer.eod)
             n_tokens += len(ids)
-            builder.add_document(torch.tensor(np.asarray(ids, dtype=np.int64)), [len(ids)])
+            builder.add_document(np.asarray(ids, dtype=np.int64), [len(ids)])
     builder.finalize(tmp_idx)
     os.replace(tmp_bin, prefix + ".bin")
     os.replace(tmp_idx, prefix + ".idx")

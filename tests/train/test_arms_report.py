@@ -1,0 +1,121 @@
+"""Arms table, CLI validation, LR schedule and the report (no model is trained here)."""
+import json
+import math
+import os
+
+import pytest
+
+from megatron_mxfp4.recipe import MXFP4Recipe
+from megatron_mxfp4.train import report
+from megatron_mxfp4.train.arms import ARMS, parse_arms, parse_seeds
+from megatron_mxfp4.train.cli import build_parser, main, resolve_config
+from megatron_mxfp4.train.optim import lr_at
+from megatron_mxfp4.train.presets import PRESETS
+
+NAMES = ["bf16", "fp8", "te-fp8", "mxfp4", "mxfp4-sr", "mxfp4-rht", "mxfp4-rht-sr", "mxfp4-rht-sr-fp8fwd",
+         "mxfp4-dethad", "mxfp4-wgrad-only", "mxfp4-dgrad-only"]
+
+
+def test_arms_table_maps_names_to_recipes():
+    assert list(ARMS) == NAMES
+    r = {n: a.recipe for n, a in ARMS.items()}
+    assert r["bf16"] is None and r["te-fp8"] is None and ARMS["te-fp8"].te_fp8
+    assert r["mxfp4-rht-sr"] == MXFP4Recipe()  # the paper's recipe is the default recipe
+    assert (r["mxfp4"].rounding, r["mxfp4"].effective_rht_block) == ("rtn", 0)
+    assert (r["mxfp4-sr"].rounding, r["mxfp4-sr"].effective_rht_block) == ("sr", 0)
+    assert (r["mxfp4-rht"].rounding, r["mxfp4-rht"].rht_block) == ("rtn", 64)
+    assert r["mxfp4-rht-sr-fp8fwd"].forward == "fp8" and r["mxfp4-rht-sr-fp8fwd"].rounding == "sr"
+    assert r["mxfp4-dethad"].sign_policy == "deterministic" and r["mxfp4-dethad"].rounding == "rtn"
+    assert (r["mxfp4-wgrad-only"].dgrad, r["mxfp4-wgrad-only"].wgrad) == (False, True)
+    assert (r["mxfp4-dgrad-only"].dgrad, r["mxfp4-dgrad-only"].wgrad) == (True, False)
+    assert (r["fp8"].forward, r["fp8"].backward_format) == ("fp8", "fp8")
+    a = ARMS["mxfp4-rht-sr"].with_seed(7, backend="reference")
+    assert a.recipe.seed == 7 and a.recipe.backend == "reference"
+
+
+def test_arm_and_seed_parsing_errors():
+    assert [a.name for a in parse_arms("bf16, mxfp4")] == ["bf16", "mxfp4"]
+    with pytest.raises(ValueError, match="unknown arm.*'fp4'.*choose from"):
+        parse_arms("bf16,fp4")
+    with pytest.raises(ValueError, match="listed twice: bf16"):
+        parse_arms("bf16,bf16")
+    assert parse_seeds("1,2") == [1, 2]
+    for bad in ("", "a", "1,1", "-1"):
+        with pytest.raises(ValueError, match="--seeds"):
+            parse_seeds(bad)
+
+
+def test_cli_rejects_bad_values(capsys):
+    for argv, msg in ((["--arms", "nope"], "unknown arm"), (["--hidden", "100", "--heads", "3"], "multiple of --heads"),
+                      (["--global-batch", "6", "--micro-batch", "4"], "multiple of --micro-batch"),
+                      (["--shard", "2/2"], "--shard"), (["--steps", "0"], "--steps must be positive")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        assert msg in capsys.readouterr().err
+
+
+def test_list_arms(capsys):
+    assert main(["--list-arms"]) == 0
+    out = capsys.readouterr().out
+    for n in NAMES:
+        assert f"`{n}`" in out
+
+
+def test_presets_and_overrides():
+    args = build_parser().parse_args(["--preset", "small", "--steps", "10", "--lr", "1e-3"])
+    cfg = resolve_config(args)
+    assert cfg.steps == 10 and cfg.lr == 1e-3 and cfg.layers == 12 and cfg.hidden == 768
+    assert 80e6 < PRESETS["small"].params_estimate(8192) < 130e6
+    assert 300e6 < PRESETS["gpt-345m"].params_estimate(50304) < 370e6  # the paper's model with GPT-2's vocabulary
+
+
+def test_lr_schedule():
+    cfg = PRESETS["tiny"]
+    assert lr_at(0, cfg) == pytest.approx(cfg.lr / cfg.warmup)
+    assert lr_at(cfg.warmup - 1, cfg) == pytest.approx(cfg.lr)
+    assert lr_at(cfg.steps, cfg) == pytest.approx(cfg.min_lr)
+    mid = cfg.warmup + (cfg.steps - cfg.warmup) // 2
+    assert lr_at(mid, cfg) == pytest.approx((cfg.lr + cfg.min_lr) / 2, rel=0.02)
+
+
+def _fake_run(root, arm, seed, losses, val, tps=1000.0):
+    d = root / f"{arm}-s{seed}"
+    d.mkdir(parents=True)
+    with open(d / "metrics.jsonl", "w") as f:
+        for i, l in enumerate(losses):
+            f.write(json.dumps({"kind": "train", "step": i, "loss": l, "step_time": 0.1}) + "\n")
+        f.write(json.dumps({"kind": "valid", "step": len(losses) - 1, "loss": val}) + "\n")
+    (d / "done.json").write_text(json.dumps({"final_val_loss": val, "final_train_loss": losses[-1],
+                                             "tokens_per_s": tps, "peak_memory_mb": 100.0, "device": "cpu",
+                                             "dtype": "float32", "memory_kind": "process peak RSS"}))
+
+
+def test_report_aggregates_seeds_and_pairs_the_gap(tmp_path):
+    _fake_run(tmp_path, "bf16", 1, [5.0, 4.0, 3.0], 3.00)
+    _fake_run(tmp_path, "bf16", 2, [5.0, 4.1, 3.1], 3.10)
+    _fake_run(tmp_path, "mxfp4", 1, [5.0, 4.2, 3.3], 3.20)
+    _fake_run(tmp_path, "mxfp4", 2, [5.0, 4.3, 3.4], 3.40)
+    d = tmp_path / "mxfp4-rht-sr-s1"  # unfinished: counted as running
+    d.mkdir()
+    (d / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 0, "loss": 5.0, "step_time": 0.1}) + "\n")
+    rows = {r["arm"]: r for r in report.aggregate(str(tmp_path))}
+    assert list(rows) == ["bf16", "mxfp4", "mxfp4-rht-sr"]  # table order
+    assert rows["bf16"]["final_val_mean"] == pytest.approx(3.05)
+    assert rows["bf16"]["final_val_sd"] == pytest.approx(math.sqrt(0.005))
+    assert rows["mxfp4"]["gap_to_bf16_mean"] == pytest.approx(0.25)  # (0.20 + 0.30) / 2, paired by seed
+    assert rows["mxfp4"]["gap_to_bf16_sd"] == pytest.approx(math.sqrt(0.005))
+    assert rows["mxfp4-rht-sr"]["seeds_done"] == [] and rows["mxfp4-rht-sr"]["final_val_mean"] is None
+    tab = report.write_summary(str(tmp_path), {"preset": "tiny", "command": "mxfp4-train --preset tiny",
+                                               "config": dict(PRESETS["tiny"].to_dict(), steps=3)})
+    assert "| mxfp4 | 1,2 | 3.300 ± 0.141 | +0.250 ± 0.071 |" in tab
+    assert "running: 1@1/3" in tab
+    md = (tmp_path / "summary.md").read_text()
+    assert tab in md and "float32" in md and "mxfp4-train --preset tiny" in md
+    json.loads((tmp_path / "summary.json").read_text())
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (tmp_path / "loss.png").stat().st_size > 10_000
+    assert "![loss](loss.png)" in md

@@ -1,0 +1,135 @@
+"""mxfp4-train end to end on the CPU: the shortened quick start, every arm, identical starts,
+exact resume after a hard stop, run-folder guard, user datasets."""
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import run_cli
+
+from megatron_mxfp4.train.cli import main
+from megatron_mxfp4.train.metrics import read_jsonl
+
+# a very small GPT (all reduction dims are multiples of 64: MXFP4 with g = 64 applies everywhere)
+SMALL = ["--layers", "1", "--hidden", "64", "--heads", "2", "--ffn", "256", "--seq-length", "64",
+         "--global-batch", "4", "--micro-batch", "2", "--eval-samples", "4", "--log-interval", "1", "--threads", "2",
+         "--no-progress"]
+NON_TE = ["bf16", "fp8", "mxfp4", "mxfp4-sr", "mxfp4-rht", "mxfp4-rht-sr", "mxfp4-rht-sr-fp8fwd", "mxfp4-dethad",
+          "mxfp4-wgrad-only", "mxfp4-dgrad-only"]
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """A small indexed dataset (standard-library text) made by mxfp4-preprocess."""
+    from megatron_mxfp4.data import corpus, preprocess
+
+    d = tmp_path_factory.mktemp("data")
+    docs = corpus.stdlib_documents(max_bytes=400_000)
+    src = d / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    prefix = str(d / "std")
+    preprocess.main(["--input", str(src), "--output-prefix", prefix, "--shuffle-seed", "0"])
+    return prefix
+
+
+def _train(run_dir):
+    return [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if r["kind"] == "train"]
+
+
+def _valid(run_dir):
+    return [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if r["kind"] == "valid"]
+
+
+def test_quick_start_shortened(tmp_path, megatron_cpu, capsys):
+    """The README's quick start (tiny preset, built-in corpus, three arms), 4 steps instead of 250."""
+    out = str(tmp_path / "run")
+    assert main(["--preset", "tiny", "--arms", "bf16,mxfp4,mxfp4-rht-sr", "--steps", "4", "--eval-interval", "2",
+                 "--out", out, "--threads", "2", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    for arm in ("bf16", "mxfp4", "mxfp4-rht-sr"):
+        assert len(_train(os.path.join(out, f"{arm}-s1"))) == 4
+        assert [r["step"] for r in _valid(os.path.join(out, f"{arm}-s1"))] == [1, 3]
+        assert f"| {arm} | 1 |" in printed
+    first = {a: _train(os.path.join(out, f"{a}-s1"))[0]["loss"] for a in ("bf16", "mxfp4", "mxfp4-rht-sr")}
+    assert len(set(first.values())) == 1, first  # same init, same batch, same (unquantized) forward
+    later = {a: _train(os.path.join(out, f"{a}-s1"))[-1]["loss"] for a in ("bf16", "mxfp4", "mxfp4-rht-sr")}
+    assert len(set(later.values())) == 3, later  # the backward differs
+    md = open(os.path.join(out, "summary.md")).read()
+    assert "float32" in md and "stdlib" in md and os.path.exists(os.path.join(out, "loss.png"))
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["config"]["steps"] == 4 and cfg["data"]["tokens"] > 1_000_000
+    # re-running the finished command trains nothing and reprints the table
+    assert main(["--preset", "tiny", "--arms", "bf16,mxfp4,mxfp4-rht-sr", "--steps", "4", "--eval-interval", "2",
+                 "--out", out, "--threads", "2", "--no-progress"]) == 0
+    assert "start;" not in capsys.readouterr().out
+    # other settings in the same folder are refused
+    with pytest.raises(SystemExit, match="other settings.*lr"):
+        main(["--preset", "tiny", "--arms", "bf16", "--steps", "4", "--eval-interval", "2", "--lr", "1e-2",
+              "--out", out, "--no-progress"])
+
+
+def test_every_arm_starts_identically_and_trains(tmp_path, small_data, megatron_cpu):
+    from megatron_mxfp4.train.arms import ARMS
+    from megatron_mxfp4.train.cli import build_parser, resolve_config
+    from megatron_mxfp4.train.model import Dist, build_model
+
+    cfg = resolve_config(build_parser().parse_args(SMALL))
+    dist = Dist(rank=0, world=1, local_rank=0, tp=1, dp=1, dp_rank=0, tp_rank=0, device=torch.device("cpu"))
+    ref = None
+    for name in NON_TE:
+        _, gpt = build_model(cfg, ARMS[name].with_seed(5), dist, torch.float32, "local", 8192, seed=5)
+        params = {k: v.detach().clone() for k, v in gpt.named_parameters()}
+        if ref is None:
+            ref = params
+        assert params.keys() == ref.keys(), name
+        assert all(torch.equal(params[k], ref[k]) for k in ref), name
+    out = str(tmp_path / "arms")
+    assert main(["--data-path", small_data, "--arms", ",".join(NON_TE), "--steps", "2", "--eval-interval", "2",
+                 "--out", out, *SMALL]) == 0
+    first = {a: _train(os.path.join(out, f"{a}-s1"))[0]["loss"] for a in NON_TE}
+    unquantized_forward = [a for a in NON_TE if a not in ("fp8", "mxfp4-rht-sr-fp8fwd")]
+    assert len({first[a] for a in unquantized_forward}) == 1, first
+    assert first["fp8"] != first["bf16"] and abs(first["fp8"] - first["bf16"]) < 0.05
+    for a in NON_TE:
+        assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _train(os.path.join(out, f"{a}-s1")))
+    md = open(os.path.join(out, "summary.md")).read()
+    assert all(f"| {a} | 1 |" in md for a in NON_TE)
+
+
+def test_te_fp8_needs_transformer_engine(tmp_path):
+    from megatron_mxfp4.train.model import te_available
+
+    if te_available():
+        pytest.skip("Transformer Engine is installed here")
+    with pytest.raises(SystemExit, match="te-fp8.*needs Transformer Engine"):
+        main(["--arms", "bf16,te-fp8", "--out", str(tmp_path / "te"), "--no-progress"])
+
+
+def test_hard_stop_resumes_on_the_same_trajectory(tmp_path, small_data, megatron_cpu):
+    """A run stopped hard after step 4 (last checkpoint: step 2) and started again logs exactly
+    the losses, gradient norms and validation losses of an uninterrupted run (dropout on, SR+RHT
+    random streams, gradient accumulation over two micro batches)."""
+    common = ["--data-path", small_data, "--arms", "mxfp4-rht-sr", "--seeds", "3", "--steps", "8",
+              "--save-interval", "3", "--eval-interval", "4", "--dropout", "0.1", *SMALL]
+    ref_dir, cut_dir = str(tmp_path / "ref"), str(tmp_path / "cut")
+    assert main([*common, "--out", ref_dir]) == 0
+    p = run_cli([*common, "--out", cut_dir, "--exit-after-step", "4"])
+    assert p.returncode != 0 and "stopped after step 4" in p.stderr, p.stderr[-2000:]
+    run = os.path.join(cut_dir, "mxfp4-rht-sr-s3")
+    assert [r["step"] for r in _train(run)] == [0, 1, 2, 3, 4]
+    assert open(os.path.join(run, "ckpt", "latest")).read().strip() == "2"
+    assert not os.path.exists(os.path.join(run, "done.json"))
+    assert main([*common, "--out", cut_dir]) == 0
+    ref = os.path.join(ref_dir, "mxfp4-rht-sr-s3")
+    a, b = _train(ref), _train(run)
+    assert [r["step"] for r in b] == list(range(8))
+    assert [(r["loss"], r["grad_norm"]) for r in a] == [(r["loss"], r["grad_norm"]) for r in b]
+    assert [(r["step"], r["loss"]) for r in _valid(ref)] == [(r["step"], r["loss"]) for r in _valid(run)]
+    assert sorted(os.listdir(os.path.join(run, "ckpt"))) == ["iter_0000005", "iter_0000007", "latest"]
+    # without restoring the MXFP4 call counters the random streams would repeat: the trajectory differs
+    from megatron_mxfp4.train import checkpoint
+
+    sd = torch.load(os.path.join(run, "ckpt", "iter_0000007", "tp00.pt"), weights_only=False)
+    assert sd["mxfp4_counters"] and all(v > 0 for v in sd["mxfp4_counters"].values())
+    assert checkpoint.latest_step(run) == 7
