@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data.corpus import stdlib_corpus
 from .linear import convert_linears
 from .recipe import MXFP4Recipe
 
@@ -27,21 +28,6 @@ ARMS = {
     "mxfp4-rht": MXFP4Recipe(rounding="rtn"),
     "mxfp4-rht-sr": MXFP4Recipe(),
 }
-
-
-def stdlib_corpus(max_bytes: int = 4_000_000) -> bytes:
-    """Concatenated source of the Python standard library (sorted, deterministic)."""
-    root = os.path.dirname(os.__file__)
-    out, total = [], 0
-    for name in sorted(os.listdir(root)):
-        if name.endswith(".py"):
-            with open(os.path.join(root, name), "rb") as f:
-                data = f.read()
-            out.append(data)
-            total += len(data)
-            if total >= max_bytes:
-                break
-    return b"\n".join(out)
 
 
 class Block(nn.Module):
