@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shard", default="0/1", help="i/n: run only every n-th (arm, seed) job starting at i "
                                                   "(e.g. one process per GPU)")
     s.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
+    s.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="stop after the step that passes this wall time (a checkpoint is saved; exit code 3); "
+                        "the same command continues")
     s.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     s.add_argument("--exit-after-step", type=int, default=None, help=argparse.SUPPRESS)  # tests: a hard stop
     return ap
@@ -180,25 +183,31 @@ def run(args, cfg, arms, seeds, shard, out, argv) -> int:
     log(f"mxfp4-train: preset {args.preset}, {len(jobs)} run(s) ({', '.join(f'{a.name}/s{s}' for a, s in jobs)}); "
         f"{dist.device.type} {str(dtype).replace('torch.', '')}, TP {dist.tp} × DP {dist.dp}; data "
         f"{data_meta.get('source')}: {data_meta.get('tokens', 0):,} tokens; ~{meta['params'] / 1e6:.1f}M parameters")
-    from .loop import train_arm
+    from .loop import TimeLimitReached, train_arm
 
-    datasets = {}
+    deadline = None if args.time_limit is None else t_start + args.time_limit
+    datasets, rc = {}, 0
     for arm, seed in jobs:
         if seed not in datasets:
             datasets = {seed: build_gpt_datasets(
                 data_prefix, tok, seq_length=cfg.seq_length, seed=seed, train_samples=cfg.steps * cfg.global_batch,
                 split=cfg.split, cache_dir=os.path.join(out, "data", "cache"))}
-        train_arm(arm.with_seed(seed, args.mxfp4_backend), seed, cfg, dist, os.path.join(out, f"{arm.name}-s{seed}"),
-                  datasets[seed], dtype=dtype, impl=args.transformer_impl, vocab_size=tok.vocab_size,
-                  progress=not args.no_progress and sys.stderr.isatty(), exit_after_step=args.exit_after_step,
-                  log=log)
+        try:
+            train_arm(arm.with_seed(seed, args.mxfp4_backend), seed, cfg, dist, os.path.join(out, f"{arm.name}-s{seed}"),
+                      datasets[seed], dtype=dtype, impl=args.transformer_impl, vocab_size=tok.vocab_size,
+                      progress=not args.no_progress and sys.stderr.isatty(), exit_after_step=args.exit_after_step,
+                      deadline=deadline, log=log)
+        except TimeLimitReached as e:
+            log(f"\n{e}; run the same command again to continue")
+            rc = 3
+            break
     if is_main:
         from .report import write_summary
 
         tab = write_summary(out)
         log("\n" + tab)
         log(f"\nwrote {os.path.join(out, 'summary.md')} and loss.png ({time.time() - t_start:.0f} s)")
-    return 0
+    return rc
 
 
 def _tokenizer_if_given(args):

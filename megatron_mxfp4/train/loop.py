@@ -33,6 +33,19 @@ class SimulatedKill(SystemExit):
     pass
 
 
+class TimeLimitReached(Exception):
+    """Raised after a checkpoint when --time-limit is reached; the same command continues."""
+
+
+def _past(deadline: Optional[float], dist) -> bool:
+    if deadline is None:
+        return False
+    flag = torch.tensor([1.0 if time.time() > deadline else 0.0], device=dist.device)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # every rank stops together
+    return bool(flag.item())
+
+
 def _to(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -95,7 +108,8 @@ def _peak_memory_mb(dist) -> float:
 
 
 def train_arm(arm, seed: int, cfg, dist, run_dir: str, data, *, dtype, impl: str, vocab_size: int,
-              progress: bool = True, exit_after_step: Optional[int] = None, log=print) -> dict:
+              progress: bool = True, exit_after_step: Optional[int] = None, deadline: Optional[float] = None,
+              log=print) -> dict:
     """Train one arm with one seed in `run_dir` (resuming from its latest checkpoint); returns the
     final results (also written to ``run_dir/done.json``)."""
     train_ds, valid_ds = data
@@ -171,8 +185,14 @@ def train_arm(arm, seed: int, cfg, dist, run_dir: str, data, *, dtype, impl: str
             writer.write({"kind": "valid", "step": step, "loss": last_val, "tokens": (step + 1) * tokens_per_step})
             if bar is not None:
                 bar.set_postfix(loss=f"{loss:.3f}", val=f"{last_val:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}")
-        if (step + 1) % cfg.save_interval == 0 or last:
+        stop = not last and _past(deadline, dist)
+        if (step + 1) % cfg.save_interval == 0 or last or stop:
             ckpt.save(run_dir, step, gpt, optimizer, dist, {"arm": arm.name, "seed": seed})
+        if stop:
+            writer.close()
+            if bar is not None:
+                bar.close()
+            raise TimeLimitReached(f"{arm.name} seed {seed}: time limit reached after step {step} (checkpoint saved)")
         if exit_after_step is not None and step == exit_after_step:
             writer.close()
             if bar is not None:

@@ -32,20 +32,20 @@ class MasterAdamW:
         self.counted = [bool(param_is_not_tensor_parallel_duplicate(p)) for p in self.params]
         decay = [m for p, m in zip(self.params, self.master) if p.dim() >= 2]
         no_decay = [m for p, m in zip(self.params, self.master) if p.dim() < 2]
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                      {"params": no_decay, "weight_decay": 0.0}],
-                                     lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8)
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        try:  # one fused kernel per step (CPU and CUDA); the same update rule as the per-tensor loop
+            self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8, fused=True)
+        except (RuntimeError, TypeError):
+            self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8, foreach=True)
         self.clip = cfg.clip_grad
         self.skipped = 0
 
     def grad_norm(self) -> float:
         from megatron.core import parallel_state as ps
 
-        dev = self.params[0].device
-        sq = torch.zeros((), dtype=torch.float32, device=dev)
-        for p, counted in zip(self.params, self.counted):
-            if counted:
-                sq += self._grad(p).float().pow(2).sum()
+        grads = [self._grad(p).float() for p, counted in zip(self.params, self.counted) if counted]
+        sq = torch.stack(torch._foreach_norm(grads)).pow(2).sum() if grads else \
+            torch.zeros((), device=self.params[0].device)
         if ps.get_tensor_model_parallel_world_size() > 1:
             torch.distributed.all_reduce(sq, group=ps.get_tensor_model_parallel_group())
         return float(sq.sqrt())
