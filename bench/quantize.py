@@ -63,11 +63,22 @@ def graph_time(fn, reps: int = 10, iters: int = 7) -> float:
 
 
 def copy_bandwidth() -> float:
-    n = 1 << 29  # 1 GiB of bf16
-    x = torch.empty(n, dtype=torch.bfloat16, device="cuda").normal_()
+    """Device-to-device copy of 4 GiB (read + write), eager launches timed with events (as in the
+    device baseline notes; inside a CUDA graph the copy becomes a slower copy-engine memcpy node)."""
+    x = torch.randint(0, 255, (4 << 30,), dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    y.copy_(x)
+    ms = events_median(lambda: y.copy_(x), 10)
+    x = y = None
+    torch.cuda.empty_cache()
+    return 2 * (4 << 30) / (ms * 1e-3) / 1e12
+
+
+def graph_copy_bandwidth() -> float:
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
     ms = graph_time(lambda: y.copy_(x), reps=5)
-    return 2 * x.numel() * x.element_size() / (ms * 1e-3) / 1e12
+    return 2 * x.numel() / (ms * 1e-3) / 1e12
 
 
 def effective_bytes(numel: int, copies: int, elem: int = 2) -> float:
@@ -114,15 +125,15 @@ def bench_kernels(shapes, gs, roundings, modes, copy_tbs, rows):
         torch.cuda.empty_cache()
 
 
-def bench_reference(copy_tbs, rows, compile_too: bool):
+def bench_reference(copy_tbs, rows, compile_too: bool, eager: bool = True):
     t, n = 8192, 16384
     x = torch.randn(t, n, device="cuda").to(torch.bfloat16)
     s = draw_signs(64, 1, 2, "cuda")
 
-    def eager():
+    def eager_fn():
         return quantize_reference(x, -1, rounding="sr", rht_block=64, signs=s, seed=7, offset=1)
 
-    variants = [("reference eager", eager)]
+    variants = [("reference eager", eager_fn)] if eager else []
     if compile_too:
         compiled = torch.compile(quantize_reference, dynamic=False)
         variants.append(("reference torch.compile",
@@ -152,6 +163,9 @@ def markdown(result) -> str:
              "Effective TB/s = (2 B read + 0.53 B written per element and copy) / time.", "",
              "| shape [T, N] | mode | g | rounding | µs | TB/s | % of copy |", "|---|---|---|---|---|---|---|"]
     for r in result["results"]:
+        if "note" in r:
+            lines.append(f"\n{r['note']}: {r['tb_s']:.3f} TB/s")
+            continue
         if "ms" not in r:
             lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['mode']} | {r['g']} | {r['rounding']} | "
                          f"failed | | |")
@@ -167,12 +181,34 @@ def main():
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile reference")
     ap.add_argument("--out", default="bench/results/quantize-h200.json")
     ap.add_argument("--md", default=None, help="markdown table (default: --out with .md)")
+    ap.add_argument("--compile-only", action="store_true",
+                    help="only the torch.compile reference, appended to an existing --out file")
+    ap.add_argument("--profile-one", action="store_true",
+                    help="run the dual g=64 SR kernel on [8192, 16384] 4 times (for a profiler) and exit")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/quantize.py needs a CUDA device")
     if not cuda_quantize.is_available():
         raise SystemExit(f"bench/quantize.py: {cuda_quantize._LOAD_ERROR}")
     torch.manual_seed(0)
+    if args.profile_one:
+        x = torch.randn(8192, 16384, device="cuda").to(torch.bfloat16)
+        s = draw_signs(64, 1, 2, "cuda")
+        for _ in range(4):
+            quantize_mxfp4_dual(x, rounding="sr", rht_block=64, signs_row=s, signs_col=s, seed=7, offset_row=1,
+                                offset_col=2, backend="cuda")
+        torch.cuda.synchronize()
+        return
+    if args.compile_only:
+        with open(args.out) as f:
+            result = json.load(f)
+        bench_reference(result["copy_tb_s"], result["results"], compile_too=True, eager=False)
+        result["command"] += " ; python " + " ".join(sys.argv)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        with open(args.md or os.path.splitext(args.out)[0] + ".md", "w") as f:
+            f.write(markdown(result))
+        return
     copy_tbs = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}  copy bandwidth {copy_tbs:.3f} TB/s", flush=True)
     rows = []
@@ -180,6 +216,8 @@ def main():
     gs = (0, 64, 256) if args.quick else GS
     bench_kernels(shapes, gs, ("sr", "rtn"), ("rowwise", "columnwise", "dual"), copy_tbs, rows)
     bench_reference(copy_tbs, rows, compile_too=not args.no_compile)
+    rows.append(dict(note="copy bandwidth inside a CUDA graph (copy-engine memcpy node), for reference",
+                     tb_s=round(graph_copy_bandwidth(), 4)))
     result = dict(command="python " + " ".join(sys.argv), device=torch.cuda.get_device_name(),
                   capability=list(torch.cuda.get_device_capability()), torch=torch.__version__,
                   copy_tb_s=round(copy_tbs, 4), results=rows)

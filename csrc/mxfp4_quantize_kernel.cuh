@@ -253,6 +253,7 @@ __device__ __forceinline__ void fwht(float (&v)[E], int seg, int step, float hsc
   }
 #pragma unroll
   for (int i = 0; i < E; ++i) v[i] = __fmul_rn(v[i], hscale);
+  __syncwarp();  // keeps the scheduler from interleaving the transform with the quantization (registers)
 }
 
 // Quantize E values (E/32 MX blocks) and store E/2 code bytes and E/32 scale bytes.
