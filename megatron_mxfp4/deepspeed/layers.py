@@ -60,9 +60,10 @@ class _StreamMixin:
     recipe: MXFP4Recipe
     layer_id: int
 
-    def _mxfp4_setup(self, recipe: MXFP4Recipe, layer_id: int) -> None:
+    def _mxfp4_setup(self, recipe: MXFP4Recipe, layer_id: int, name: str = "") -> None:
         self.recipe = recipe
         self.layer_id = layer_id
+        self.mxfp4_name = name or f"linear{layer_id}"  # the layer's label in diagnostics
         self._calls = 0
         self._mxfp4_seed: Optional[int] = None
 
@@ -72,7 +73,7 @@ class _StreamMixin:
     def _next_key(self) -> bwd.StreamKey:
         if self._mxfp4_seed is None:  # at the first forward, when the process groups exist
             self._mxfp4_seed = derive_seed(self.recipe.seed, replica_rank(self._mxfp4_tp_group()))
-        key = bwd.StreamKey(self._mxfp4_seed, self.layer_id, self._calls)
+        key = bwd.StreamKey(self._mxfp4_seed, self.layer_id, self._calls, self.mxfp4_name)
         self._calls += 1
         return key
 
@@ -116,15 +117,16 @@ class MXFP4Conv1DFunction(torch.autograd.Function):
         dy2d = dy.reshape(-1, dy.shape[-1])
         x2d = x.reshape(-1, x.shape[-1])
         dx = dw = db = None
+        qd, qw = bwd.grad_output_operands(dy2d, recipe, key, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         if ctx.needs_input_grad[0]:
             if recipe.dgrad:
-                dx = bwd.dgrad(dy2d, weight.t(), recipe, key)
+                dx = bwd.dgrad(dy2d, weight.t(), recipe, key, qdy=qd)
             else:
                 dx = dy2d @ weight.t().to(dy2d.dtype)
             dx = dx.to(x.dtype).reshape(x.shape)
         if ctx.needs_input_grad[1]:
             if recipe.wgrad:
-                dw = bwd.wgrad(dy2d, x2d, recipe, key).t()
+                dw = bwd.wgrad(dy2d, x2d, recipe, key, qdy=qw).t()
             else:
                 dw = x2d.t().to(dy2d.dtype) @ dy2d
             dw = dw.to(weight.dtype)
