@@ -91,8 +91,9 @@ class MXFP4ParallelLinearFunction(torch.autograd.Function):
             output = torch.matmul(total_input, weight.t())  # exactly Megatron's forward GEMM
         else:
             x2d = total_input.reshape(-1, total_input.shape[-1])
-            output = forward_gemm(x2d, weight.to(x2d.dtype), recipe).reshape(
-                *total_input.shape[:-1], weight.shape[0])
+            output = forward_gemm(x2d, weight.to(x2d.dtype), None, recipe)
+            # not a view (as torch.matmul's result): Megatron's cross entropy edits logits in place
+            output = torch.ops.aten._unsafe_view(output, (*total_input.shape[:-1], weight.shape[0]))
         if bias is not None:
             output = output + bias
         return output

@@ -123,3 +123,13 @@ def gpt_loss(model, batch):
     tokens, pos, mask, labels = batch
     losses = model(tokens, pos, mask, labels=labels)
     return losses.float().mean()
+
+
+def scenario(results, name):
+    """The metrics of one worker scenario; fails the test with its traceback if it raised."""
+    import pytest
+
+    r = results[name]
+    if "error" in r:
+        pytest.fail(f"scenario {name} raised:\n{r['error']}")
+    return r

@@ -1,0 +1,38 @@
+"""Megatron integration tests: skipped when megatron-core (and triton, which it imports) is absent.
+
+The distributed scenarios run once per session in 2 processes (gloo on CPU) through worker.py;
+`mcore_results` holds their metrics and each test asserts on its own scenario.
+"""
+import json
+import os
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def megatron_available() -> bool:
+    try:
+        import megatron.core  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def mcore_results(tmp_path_factory):
+    if not megatron_available():
+        pytest.skip("megatron-core is not installed")
+    sys.path.insert(0, HERE)
+    import dist_helpers
+
+    out = tmp_path_factory.mktemp("mcore_worker")
+    env = {"MXFP4_TEST_CKPT_DIR": str(out / "ckpt")}
+    runs = dist_helpers.launch(os.path.join(HERE, "worker.py"), [str(out)], nproc=2, timeout=900, env_extra=env)
+    path = out / "results.json"
+    if not path.exists():
+        logs = "\n\n".join(f"--- rank {i} (rc {rc}) ---\n{o[-6000:]}" for i, (rc, o) in enumerate(runs))
+        pytest.fail(f"the 2-process Megatron worker wrote no results:\n{logs}")
+    with open(path) as f:
+        return json.load(f)
