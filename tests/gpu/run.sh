@@ -11,10 +11,12 @@ export MXFP4_BUILD_EXT=1 MXFP4_CUDA_ARCHS=${MXFP4_CUDA_ARCHS:-90a} MAX_JOBS=${MA
 echo "== build (archs ${MXFP4_CUDA_ARCHS})"
 time $PY setup.py -q build_ext --inplace
 echo "== ${MXFP4_GPU_TESTS:-tests/gpu}"
-$PY -m pytest -q ${MXFP4_GPU_TESTS:-tests/gpu} "$@"
+status=0
+$PY -m pytest -q ${MXFP4_GPU_TESTS:-tests/gpu} "$@" || status=$?
 echo "== compute-sanitizer memcheck"
 if command -v compute-sanitizer >/dev/null; then
-  compute-sanitizer --tool memcheck --error-exitcode 3 $PY tests/gpu/sanitize_quantize.py
+  compute-sanitizer --tool memcheck --error-exitcode 3 $PY tests/gpu/sanitize_quantize.py || status=$?
 else
   echo "compute-sanitizer not found: skipped"
 fi
+exit $status

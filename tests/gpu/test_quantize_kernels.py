@@ -95,7 +95,8 @@ def test_columnwise_transposed_view(dtype, g, rounding, n):
 @pytest.mark.parametrize("g", GS)
 @pytest.mark.parametrize("rounding", ("rtn", "sr"))
 def test_dual(dtype, g, rounding):
-    t, n = (2 * qdim(g) + (0 if g >= 128 else 96)), 3 * qdim(g) + (0 if g >= 128 else 64)
+    # multiples of max(g, 32) that are not multiples of the dual tile (64 x 256 for g <= 64)
+    t, n = {0: (160, 160), 32: (160, 224), 64: (192, 320), 128: (384, 256), 256: (512, 768)}[g]
     x = sample((t, n), dtype, seed=11 + g)
     kw = dict(rounding=rounding, rht_block=g, signs_row=signs_for(g, 1), signs_col=signs_for(g, 2), seed=SEED,
               offset_row=OFFSET + 2, offset_col=OFFSET + 3)
