@@ -159,7 +159,7 @@ def bench_reference(copy_tbs, rows, compile_too: bool, eager: bool = True):
 def markdown(result) -> str:
     lines = [f"# MXFP4 quantize kernels on {result['device']}", "",
              f"Command: `{result['command']}`  ", f"torch {result['torch']}, copy bandwidth "
-             f"{result['copy_tb_s']:.3f} TB/s (read + write, 1 GiB BF16, CUDA-graph median).", "",
+             f"{result['copy_tb_s']:.3f} TB/s (read + write of a 4 GiB buffer, median of eager copies).", "",
              "Effective TB/s = (2 B read + 0.53 B written per element and copy) / time.", "",
              "| shape [T, N] | mode | g | rounding | µs | TB/s | % of copy |", "|---|---|---|---|---|---|---|"]
     for r in result["results"]:
