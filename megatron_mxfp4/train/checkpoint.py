@@ -89,12 +89,19 @@ def save(run_dir: str, step: int, gpt, optimizer, dist, extra: dict) -> None:
         torch.distributed.barrier()
 
 
-def _prune(run_dir: str, newest: int) -> None:
+def _prune(run_dir: str, newest: int, keep: int = KEEP) -> None:
     root = os.path.join(run_dir, "ckpt")
     steps = sorted(int(n[5:]) for n in os.listdir(root) if n.startswith("iter_") and n[5:].isdigit())
     for s in steps:
-        if s != newest and s not in steps[-KEEP:]:
+        if s != newest and s not in steps[-keep:]:
             shutil.rmtree(_ckpt_dir(run_dir, s), ignore_errors=True)
+
+
+def keep_only_latest(run_dir: str) -> None:
+    """A finished run keeps its final checkpoint only."""
+    step = latest_step(run_dir)
+    if step is not None:
+        _prune(run_dir, step, keep=1)
 
 
 def load(run_dir: str, step: int, gpt, optimizer, dist) -> dict:

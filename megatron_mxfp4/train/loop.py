@@ -206,6 +206,7 @@ def train_arm(arm, seed: int, cfg, dist, run_dir: str, data, *, dtype, impl: str
         with open(done_path + ".tmp", "w") as f:
             json.dump(result, f, indent=1)
         os.replace(done_path + ".tmp", done_path)
+        ckpt.keep_only_latest(run_dir)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     del model, gpt, optimizer

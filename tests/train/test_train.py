@@ -45,7 +45,7 @@ def test_quick_start_shortened(tmp_path, megatron_cpu, capsys):
     """The README's quick start (tiny preset, built-in corpus, three arms), 4 steps instead of 250."""
     out = str(tmp_path / "run")
     assert main(["--preset", "tiny", "--arms", "bf16,mxfp4,mxfp4-rht-sr", "--steps", "4", "--eval-interval", "2",
-                 "--out", out, "--threads", "2", "--no-progress"]) == 0
+                 "--eval-samples", "16", "--out", out, "--threads", "2", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     for arm in ("bf16", "mxfp4", "mxfp4-rht-sr"):
         assert len(_train(os.path.join(out, f"{arm}-s1"))) == 4
@@ -61,12 +61,12 @@ def test_quick_start_shortened(tmp_path, megatron_cpu, capsys):
     assert cfg["config"]["steps"] == 4 and cfg["data"]["tokens"] > 1_000_000
     # re-running the finished command trains nothing and reprints the table
     assert main(["--preset", "tiny", "--arms", "bf16,mxfp4,mxfp4-rht-sr", "--steps", "4", "--eval-interval", "2",
-                 "--out", out, "--threads", "2", "--no-progress"]) == 0
+                 "--eval-samples", "16", "--out", out, "--threads", "2", "--no-progress"]) == 0
     assert "start;" not in capsys.readouterr().out
     # other settings in the same folder are refused
     with pytest.raises(SystemExit, match="other settings.*lr"):
         main(["--preset", "tiny", "--arms", "bf16", "--steps", "4", "--eval-interval", "2", "--lr", "1e-2",
-              "--out", out, "--no-progress"])
+              "--eval-samples", "16", "--out", out, "--no-progress"])
 
 
 def test_every_arm_starts_identically_and_trains(tmp_path, small_data, megatron_cpu):
@@ -95,6 +95,37 @@ def test_every_arm_starts_identically_and_trains(tmp_path, small_data, megatron_
         assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _train(os.path.join(out, f"{a}-s1")))
     md = open(os.path.join(out, "summary.md")).read()
     assert all(f"| {a} | 1 |" in md for a in NON_TE)
+
+
+def test_tensor_parallel_matches_one_process(tmp_path, small_data, megatron_cpu):
+    """torchrun-style TP=2 (gloo, 2 processes): the bf16 arm follows the single-process losses; the
+    MXFP4 arm trains (its dgrad reduces over the TP-local 384 / 2 QKV features)."""
+    import socket
+    import subprocess
+    import sys
+
+    args = ["--data-path", small_data, "--arms", "bf16,mxfp4-rht-sr", "--steps", "3", "--eval-interval", "3",
+            *SMALL[:-5], "--hidden", "128", "--no-progress"]
+    one = str(tmp_path / "one")
+    assert main([*args, "--out", one]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        procs.append(subprocess.Popen([sys.executable, "-m", "megatron_mxfp4.train", *args, "--tp", "2",
+                                       "--threads", "1", "--out", str(tmp_path / "tp2")], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+    ref = [r["loss"] for r in _train(os.path.join(one, "bf16-s1"))]
+    tp = [r["loss"] for r in _train(str(tmp_path / "tp2" / "bf16-s1"))]
+    assert tp == pytest.approx(ref, abs=1e-5)
+    mx = _train(str(tmp_path / "tp2" / "mxfp4-rht-sr-s1"))
+    assert len(mx) == 3 and mx[0]["loss"] == pytest.approx(ref[0], abs=1e-5)
+    assert json.load(open(tmp_path / "tp2" / "config.json"))["tp"] == 2
 
 
 def test_te_fp8_needs_transformer_engine(tmp_path):
@@ -126,10 +157,17 @@ def test_hard_stop_resumes_on_the_same_trajectory(tmp_path, small_data, megatron
     assert [r["step"] for r in b] == list(range(8))
     assert [(r["loss"], r["grad_norm"]) for r in a] == [(r["loss"], r["grad_norm"]) for r in b]
     assert [(r["step"], r["loss"]) for r in _valid(ref)] == [(r["step"], r["loss"]) for r in _valid(run)]
-    assert sorted(os.listdir(os.path.join(run, "ckpt"))) == ["iter_0000005", "iter_0000007", "latest"]
+    assert sorted(os.listdir(os.path.join(run, "ckpt"))) == ["iter_0000007", "latest"]  # finished: the final one
     # without restoring the MXFP4 call counters the random streams would repeat: the trajectory differs
     from megatron_mxfp4.train import checkpoint
 
     sd = torch.load(os.path.join(run, "ckpt", "iter_0000007", "tp00.pt"), weights_only=False)
     assert sd["mxfp4_counters"] and all(v > 0 for v in sd["mxfp4_counters"].values())
     assert checkpoint.latest_step(run) == 7
+    # --time-limit: a graceful stop after the first step (checkpoint, exit code 3), then the same command
+    tl_dir = str(tmp_path / "tl")
+    assert main([*common, "--out", tl_dir, "--time-limit", "0"]) == 3
+    tl_run = os.path.join(tl_dir, "mxfp4-rht-sr-s3")
+    assert checkpoint.latest_step(tl_run) == 0 and len(_train(tl_run)) == 1
+    assert main([*common, "--out", tl_dir]) == 0
+    assert [(r["loss"], r["grad_norm"]) for r in _train(tl_run)] == [(r["loss"], r["grad_norm"]) for r in a]
