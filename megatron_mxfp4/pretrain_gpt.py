@@ -42,14 +42,7 @@ from megatron.training.argument_utils import gpt_config_from_args, pretrain_cfg_
 from megatron.training.arguments import parse_and_validate_args  # noqa: E402
 from megatron.training.utils import get_blend_and_blend_per_split, is_first_or_last_pipeline_stage  # noqa: E402
 
-from megatron_mxfp4.megatron import (  # noqa: E402
-    MXFP4LayerSpecProvider,
-    add_mxfp4_args,
-    allow_fusion_without_apex,
-    lm_head_pre_wrap_hook,
-    recipe_from_args,
-)
-from megatron_mxfp4.megatron.layers import APEX_FUSION  # noqa: E402
+from megatron_mxfp4.megatron import add_mxfp4_args, configure_gpt_model_config, recipe_from_args  # noqa: E402
 
 BATCH_FIELDS = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids")
 SPIKY_LOSS_FACTOR = 10
@@ -81,13 +74,7 @@ def build_model_config(args):
     becomes the MXFP4 one (wrapping `--spec` when given) and a pre-wrap hook handles the LM head."""
     recipe = recipe_from_args(args)
     model_cfg = gpt_config_from_args(args)
-    if recipe is not None:
-        model_cfg.transformer_layer_spec = MXFP4LayerSpecProvider(recipe, base=model_cfg.transformer_layer_spec)
-        if args.gradient_accumulation_fusion and not APEX_FUSION:
-            # The plugin adds the FP32 wgrad into main_grad itself; the pre-wrap hook gives the LM head
-            # the plugin's Function and checks that no stock linear would call apex.
-            allow_fusion_without_apex()
-        model_cfg.pre_wrap_hooks.append(lm_head_pre_wrap_hook(recipe))
+    configure_gpt_model_config(model_cfg, recipe, args.gradient_accumulation_fusion)
     return recipe, model_cfg
 
 

@@ -14,21 +14,23 @@
 Importing this package does not import deepspeed; `initialize` and the AutoTP layers do.
 """
 from .config import CONFIG_KEY, config_section, load_config, recipe_from_config
-from .convert import HEAD_NAMES, convert, converted_modules, unconvert
+from .convert import HEAD_NAMES, convert, converted_modules, restore_conversions, unconvert
 from .layers import MXFP4Conv1DFunction, MXFP4DeepSpeedLinear, replica_rank
 
 
 def initialize(*args, config=None, recipe=None, filter=None, **kwargs):
-    """`deepspeed.initialize` followed by `convert(engine.module, recipe, filter)`.
+    """`deepspeed.initialize`, then `convert(engine.module, recipe, filter)`.
 
     `recipe` defaults to the config's `"mxfp4"` section (`recipe_from_config`); when neither gives
-    one, the model is left unconverted. Returns what `deepspeed.initialize` returns.
+    one, only layers converted before the call are kept converted (AutoTP replaces them: they are
+    restored with `restore_conversions`). Returns what `deepspeed.initialize` returns.
     """
     import deepspeed
 
     if recipe is None:
         recipe = recipe_from_config(config)
     out = deepspeed.initialize(*args, config=config, **kwargs)
+    restore_conversions(out[0].module)
     convert(out[0].module, recipe, filter=filter)
     return out
 
@@ -43,5 +45,5 @@ def __getattr__(name):  # the AutoTP layers need deepspeed: import them on first
 __all__ = [
     "CONFIG_KEY", "HEAD_NAMES", "MXFP4Conv1DFunction", "MXFP4DeepSpeedLinear", "MXFP4LinearAllreduce",
     "MXFP4LinearLayer", "config_section", "convert", "converted_modules", "initialize", "load_config",
-    "recipe_from_config", "replica_rank", "unconvert",
+    "recipe_from_config", "replica_rank", "restore_conversions", "unconvert",
 ]

@@ -8,8 +8,11 @@ Converted, by exact type (subclasses that shard or fuse differently are left alo
 When to call it:
 - DeepSpeed ZeRO 0–3 (data parallel): any time before training, on the plain model, on a model
   built under `deepspeed.zero.Init`, or on `engine.module` after `deepspeed.initialize`.
-- AutoTP: AutoTP shards the model inside `deepspeed.initialize`, so convert `engine.module`
-  afterwards (`megatron_mxfp4.deepspeed.initialize` does this for you).
+- AutoTP: AutoTP shards the model inside `deepspeed.initialize` and replaces every linear by a
+  new `LinearLayer` / `LinearAllreduce`, dropping a conversion made before. Convert `engine.module`
+  afterwards, or use `megatron_mxfp4.deepspeed.initialize`, which also re-applies a conversion made
+  before it (each converted weight Parameter carries its layer's recipe, id and name, and AutoTP
+  keeps the Parameter objects).
 
 Never converted unless asked: the LM head (the module HF's `get_output_embeddings()` returns, a
 linear named `lm_head`, `embed_out` or `output_layer`, or one whose weight is an `nn.Embedding`'s
@@ -179,10 +182,34 @@ def convert(model: nn.Module, recipe: Optional[MXFP4Recipe] = MXFP4Recipe(),
         if target is None:  # already converted: take the new recipe, keep the stream position
             m.recipe = recipe
             m._mxfp4_seed = None
+            m.weight._mxfp4_conversion = (recipe, m.layer_id, m.mxfp4_name)
             continue
         m.__class__ = target
         m._mxfp4_setup(recipe, layer_id, name)
+        m.weight._mxfp4_conversion = (recipe, layer_id, name)
     return model
+
+
+def restore_conversions(model: nn.Module) -> int:
+    """Convert again the AutoTP layers whose weight was converted before AutoTP replaced its module
+    (see the module docstring); returns how many were restored."""
+    model = _unwrap(model)
+    classes = _autotp_classes()
+    restored = []
+    for name, m in model.named_modules():
+        target = classes.get(type(m))
+        conversion = getattr(getattr(m, "weight", None), "_mxfp4_conversion", None)
+        if target is None or conversion is None:
+            continue
+        recipe, layer_id, old_name = conversion
+        if recipe.dgrad:
+            bwd.check_reduction_dim(_dgrad_reduction(m, target), recipe,
+                                    f"{name} ({type(m).__name__}): output features (dgrad reduction)")
+        restored.append((m, target, recipe, layer_id, old_name))
+    for m, target, recipe, layer_id, old_name in restored:
+        m.__class__ = target
+        m._mxfp4_setup(recipe, layer_id, old_name)
+    return len(restored)
 
 
 def converted_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
@@ -199,5 +226,6 @@ def unconvert(model: nn.Module) -> nn.Module:
             base = nn.Linear
         for attr in ("recipe", "layer_id", "mxfp4_name", "_calls", "_mxfp4_seed"):
             m.__dict__.pop(attr, None)
+        m.weight.__dict__.pop("_mxfp4_conversion", None)
         m.__class__ = base
     return model

@@ -13,6 +13,8 @@ from .spec import (  # noqa: E402
     MXFP4TransformerLayer,
     allow_fusion_without_apex,
     check_fusion_covered,
+    configure_from_args,
+    configure_gpt_model_config,
     convert_output_layer,
     fusion_without_apex,
     get_gpt_layer_spec,
@@ -23,6 +25,6 @@ from .spec import (  # noqa: E402
 __all__ = [
     "MXFP4ColumnParallelLinear", "MXFP4RowParallelLinear", "MXFP4ParallelLinearFunction", "MXFP4TransformerLayer",
     "MXFP4LayerSpecProvider", "add_mxfp4_args", "allow_fusion_without_apex", "check_fusion_covered",
-    "convert_output_layer", "fusion_without_apex", "get_gpt_layer_spec",
+    "configure_from_args", "configure_gpt_model_config", "convert_output_layer", "fusion_without_apex", "get_gpt_layer_spec",
     "lm_head_pre_wrap_hook", "mxfp4_parallel_linear", "recipe_from_args", "swap_linear_specs", "unquantized",
 ]

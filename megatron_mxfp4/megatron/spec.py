@@ -279,3 +279,28 @@ def allow_fusion_without_apex() -> None:
     """`fusion_without_apex` for the rest of the process (the training entry point builds the model
     inside `pretrain`); pair it with `lm_head_pre_wrap_hook`."""
     _mcore_layers._grad_accum_fusion_available = True
+
+
+def configure_gpt_model_config(model_cfg, recipe: Optional[MXFP4Recipe], gradient_accumulation_fusion: bool = False):
+    """Put the MXFP4 layer spec into megatron.training's `GPTModelConfig` (wrapping the spec it
+    already holds, if any) and register the LM-head pre-wrap hook. With gradient-accumulation fusion
+    and no apex, stock megatron-core linears are allowed to be built (the hook gives the LM head the
+    plugin's Function, which accumulates into main_grad itself, and checks that no stock linear is
+    left to call apex). Returns `model_cfg`; `recipe=None` leaves it untouched."""
+    if recipe is None:
+        return model_cfg
+    if isinstance(model_cfg.transformer_layer_spec, MXFP4LayerSpecProvider):
+        raise ValueError("the model config already holds the MXFP4 layer spec")
+    model_cfg.transformer_layer_spec = MXFP4LayerSpecProvider(recipe, base=model_cfg.transformer_layer_spec)
+    if gradient_accumulation_fusion and not APEX_FUSION:
+        allow_fusion_without_apex()
+    model_cfg.pre_wrap_hooks.append(lm_head_pre_wrap_hook(recipe))
+    return model_cfg
+
+
+def configure_from_args(model_cfg, args):
+    """`configure_gpt_model_config` driven by parsed Megatron args with the `--mxfp4-*` flags."""
+    from .args import recipe_from_args
+
+    return configure_gpt_model_config(model_cfg, recipe_from_args(args),
+                                      bool(getattr(args, "gradient_accumulation_fusion", False)))
