@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python3}
 export MXFP4_BUILD_EXT=1 MXFP4_CUDA_ARCHS=${MXFP4_CUDA_ARCHS:-90a} MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build, also for scripts run directly
 echo "== build (archs ${MXFP4_CUDA_ARCHS})"
 time $PY setup.py -q build_ext --inplace
 echo "== ${MXFP4_GPU_TESTS:-tests/gpu}"
