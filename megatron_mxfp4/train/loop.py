@@ -136,7 +136,6 @@ def train_arm(arm, seed: int, cfg, dist, run_dir: str, data, *, dtype, impl: str
     writer = MetricsWriter(run_dir, resume, enabled=is_main)
     tokens_per_step = cfg.global_batch * cfg.seq_length
     if is_main:
-        n_params = sum(p.numel() for p in gpt.parameters()) * dist.tp  # approx. (replicated params counted tp×)
         log(f"[{arm.name} seed {seed}] {'resuming at step ' + str(start) if start else 'start'}; "
             f"{cfg.steps} steps × {tokens_per_step:,} tokens; run folder {run_dir}")
     bar = None

@@ -128,6 +128,22 @@ def test_tensor_parallel_matches_one_process(tmp_path, small_data, megatron_cpu)
     assert json.load(open(tmp_path / "tp2" / "config.json"))["tp"] == 2
 
 
+def test_bf16_weights_with_fp32_masters(tmp_path, small_data, megatron_cpu):
+    """--dtype bf16 (the GPU default): BF16 model weights, FP32 masters and Adam state in the
+    checkpoint, finite losses; the first loss is close to the float32 run's."""
+    out = str(tmp_path / "bf16w")
+    assert main(["--data-path", small_data, "--arms", "bf16,mxfp4-rht-sr", "--steps", "2", "--eval-interval", "2",
+                 "--dtype", "bf16", "--out", out, *SMALL]) == 0
+    sd = torch.load(os.path.join(out, "mxfp4-rht-sr-s1", "ckpt", "iter_0000001", "tp00.pt"), weights_only=False)
+    weights = [v for k, v in sd["model"].items() if k.endswith("linear_fc1.weight")]
+    assert weights and all(w.dtype == torch.bfloat16 for w in weights)
+    masters = [m for m in sd["optimizer"]["master"] if m is not None]
+    assert masters and all(m.dtype == torch.float32 for m in masters)
+    done = json.load(open(os.path.join(out, "mxfp4-rht-sr-s1", "done.json")))
+    assert done["dtype"] == "bfloat16" and done["final_val_loss"] < 10
+    assert "compute dtype bfloat16" in open(os.path.join(out, "summary.md")).read()
+
+
 def test_te_fp8_needs_transformer_engine(tmp_path):
     from megatron_mxfp4.train.model import te_available
 
