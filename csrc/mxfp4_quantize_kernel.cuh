@@ -21,6 +21,11 @@
 //            = (ceil(g 2^24) + 0xFFFFFF - q) >> 24            (integer identity, q integer)
 // where |v| * 2^(152 - xc) = g 2^24 - 2 (xc - 127) 2^24 is computed exactly in float32 (a power-of-two
 // scaling) and rounded up to an integer; both are clamped to 7 (|v| >= 6).
+//
+// Blackwell: sm_100a's stochastic conversion (cvt.rs.satfinite.e2m1x4.f32) takes one 32-bit random
+// operand for four values, i.e. at most 8 random bits per element and its own decision rule, so it
+// cannot reproduce the contract's 24-bit-per-element comparison; the same portable code is built for
+// sm_90a and sm_100a.
 #pragma once
 
 #include <cstdint>
