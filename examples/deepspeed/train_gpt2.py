@@ -138,6 +138,17 @@ def train_arm(arm: str, base_cfg: dict, data, val, args, device):
             "seconds": time.time() - t0, "converted": len(converted)}
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def table(results: dict, steps: int) -> str:
     arms = list(results)
     marks = sorted({0, steps // 4, steps // 2, 3 * steps // 4, steps - 1})
@@ -178,7 +189,7 @@ def main(argv=None):
         print("\n" + text, flush=True)
         if args.out:
             device_name = torch.cuda.get_device_name() if torch.cuda.is_available() and not on_cpu \
-                else platform.processor() or platform.machine()
+                else cpu_name()
             with open(args.out, "w") as f:
                 json.dump({"command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
                            "world_size": torch.distributed.get_world_size(), "device": str(device_name),

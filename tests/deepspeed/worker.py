@@ -200,6 +200,9 @@ def zero_stage(stage: int) -> None:
     model = make_net(stage, zero_init=stage == 3)
     keys_before = list(model.state_dict())
     mds.convert(model, OFF)  # before initialize (under zero.Init at stage 3)
+    if stage == 0:  # an engine is accepted too (its module is converted)
+        eng0 = engine(make_net(0), ds_config(0))
+        check("z0.convert_engine", mds.convert(eng0, OFF) is eng0.module and len(mds.converted_modules(eng0)) == 2)
     check(f"z{stage}.state_dict_keys", list(model.state_dict()) == keys_before)
     names = [n for n, _ in mds.converted_modules(model)]
     check(f"z{stage}.converted", names == ["fc1", "fc2"], str(names))
@@ -333,6 +336,14 @@ def main_autotp() -> None:
         check(f"tp.{tag}.off_grads_identical", all(v == 0 for v in diff.values()),
               str({k: v for k, v in diff.items() if v}))
 
+    # a conversion made before initialize (which AutoTP discards) is restored by mds.initialize
+    model = mds.convert(tiny_llama(), MXFP4Recipe(rht_block=32, seed=8), filter=lambda n, m: ".mlp." in n)
+    eng = engine(model, tp_config(), init=mds.initialize)
+    got = {n.rsplit(".", 1)[-1]: type(m).__name__ for n, m in mds.converted_modules(eng.module)}
+    check("tp.pre_initialize_conversion_restored",
+          got == {"gate_proj": "MXFP4LinearLayer", "up_proj": "MXFP4LinearLayer", "down_proj": "MXFP4LinearAllreduce"}
+          and all(m.recipe.seed == 8 for _, m in mds.converted_modules(eng.module)), str(got))
+
     # SR on: trains; replicated parameters stay identical on the two TP ranks
     train_data = tokens(25, seed=1)
     base_losses, _ = tp_train(engine(tiny_llama(), tp_config(lr=3e-3)), train_data)
@@ -360,6 +371,9 @@ def main_autotp() -> None:
 
 
 if __name__ == "__main__":
+    # gloo only: skip DeepSpeed's JIT-compiled shared-memory all-reduce kernel (about a minute of
+    # C++ compilation on a fresh machine; DeepSpeed falls back to torch.distributed without it)
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     torch.set_num_threads(1)
     {"zero": main_zero, "autotp": main_autotp}[sys.argv[1]]()
