@@ -64,3 +64,5 @@ def test_argv_to_config_to_model(mcore_results):
     assert r["quantized_layers"] == [True, True, False]
     assert r["forward"] == ["bf16", "fp8"]
     assert r["loss_finite"] and r["grads_finite"]
+    # the entry point's mock-data path, get_batch (TP broadcast) and loss protocol
+    assert r["step_tokens"] == 2 * 32 and 0 < r["step_loss"] < 20 and r["report_keys"] == ["lm loss"]

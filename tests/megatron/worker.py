@@ -491,6 +491,18 @@ def argv_flow():
         loss.backward()
         res["loss_finite"] = bool(torch.isfinite(loss))
         res["grads_finite"] = all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+        # the entry point's data path and forward step, as pretrain() drives them (mock data)
+        if DEVICE.type == "cpu":
+            torch.Tensor.cuda = lambda self, *a, **k: self
+        train_ds, _, _ = entry.train_valid_test_datasets_provider([8, 0, 0])
+        it = iter(torch.utils.data.DataLoader(train_ds, batch_size=2)) if train_ds is not None else None
+        res["dataset_on_rank"] = train_ds is not None
+        output, loss_fn = entry.forward_step(it, model)
+        loss_sum, n_tok, report = loss_fn(output)
+        loss_sum.backward()
+        res["step_tokens"] = int(n_tok)
+        res["step_loss"] = (loss_sum / n_tok).item()
+        res["report_keys"] = sorted(report)
     return res
 
 
