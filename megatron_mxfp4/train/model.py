@@ -16,7 +16,6 @@ import datetime
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -78,7 +77,6 @@ class Dist:
 def init_distributed(device: str, tp: int, seed: int) -> Dist:
     """Process group (torchrun environment, else a single process), megatron parallel state, seeds."""
     import megatron.core.parallel_state as ps
-    from megatron.core.tensor_parallel import random as tp_random
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -56,7 +56,7 @@ PRESETS = {
     # GPU: a GPT-2-small-shaped model (12 x 768; ~92M parameters with the 8k vocabulary) on the Wikipedia
     # corpus, several epochs (the corpus is 1.35M tokens): the H200 study
     "small": Config(layers=12, hidden=768, heads=12, ffn=3072, seq_length=1024, dropout=0.1, init_std=0.02,
-                    steps=600, global_batch=32, micro_batch=8, lr=6e-4, min_lr=6e-5, warmup=30, weight_decay=0.1,
+                    steps=600, global_batch=32, micro_batch=16, lr=6e-4, min_lr=6e-5, warmup=30, weight_decay=0.1,
                     clip_grad=1.0, beta2=0.95, corpus="wiki", split="95,5,0", eval_interval=50, eval_samples=64,
                     save_interval=100, log_interval=10),
     # GPU: the paper's GPT-345M (24 x 1024, 16 heads, sequence 1024, batch 64, LR 1.5e-4 -> 1e-5, wd 0.01);

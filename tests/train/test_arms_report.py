@@ -1,7 +1,6 @@
 """Arms table, CLI validation, LR schedule and the report (no model is trained here)."""
 import json
 import math
-import os
 
 import pytest
 
