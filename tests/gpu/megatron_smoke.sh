@@ -19,7 +19,7 @@ NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
 ITERS=${ITERS:-30}
 COMMON_ENV=(MODEL=tiny GPUS_PER_NODE=$NGPU TP=$NGPU TRAIN_ITERS=$ITERS LOG_INTERVAL=${LOG_INTERVAL:-5}
             EVAL_ITERS=0 EVAL_INTERVAL=100000 TRANSFORMER_IMPL=local VOCAB_SIZE=4096)
-pids=(); port=29500
+pids=(); port=${PORT_BASE:-29500}
 for arm in "${ARMS[@]}"; do
   port=$((port + 7))
   backend_args=""

@@ -231,7 +231,8 @@ def rng_independence():
             loss = H.gpt_loss(model, batch)
             loss.backward()
             loss2 = H.gpt_loss(model, batch)  # a second draw of dropout masks
-            out[name] = (loss.detach(), loss2.detach(), torch.get_rng_state(),
+            rng = torch.cuda.get_rng_state() if DEVICE.type == "cuda" else torch.get_rng_state()
+            out[name] = (loss.detach(), loss2.detach(), rng,
                          {n: p.grad.clone() for n, p in model.named_parameters()})
         s, p = out["stock"], out["plug"]
         names = [n for n in s[3] if "linear_" in n and n.endswith("weight")]
