@@ -127,7 +127,7 @@ def convert(model: nn.Module, recipe: Optional[MXFP4Recipe] = MXFP4Recipe(),
     """Give the linear layers of `model` (or of a DeepSpeed engine's module) an MXFP4 backward, in place.
 
     `filter(qualified_name, module) -> bool` chooses among the convertible layers (default: all but
-    the LM head). `recipe=None` leaves the model unchanged. Layers already converted get `recipe`
+    the LM head). `recipe=None` leaves the model unchanged. Chosen layers already converted get `recipe`
     (and keep their layer id and call counter). Every layer's dgrad reduction dim (its local output
     features) is checked before anything is changed; the offending layers are named in the error.
     Returns the model (the engine's module when an engine was passed).
