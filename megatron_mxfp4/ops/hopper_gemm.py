@@ -19,9 +19,9 @@ With a BF16 output and flagged slabs, the output is rounded to BF16 twice.
 `triton_gemm` with promotion to float32 every 32 K, so products of different block scales never
 meet inside the tensor core. Variant "tiles" (default) uses the same folded operands with the scale
 applied per 128 K and the same per-slab fallback; variant "blocks" uses plain E2M1 codes with one
-scale per 32-block (no fallback needed). On the H200 "tiles" runs at ~460 TFLOP/s and "blocks" at
-~220 (bench/results/gemm-h200.md): each 32-K promotion waits for its wgmma, which serializes the
-tensor cores with the float32 adds.
+scale per 32-block (no fallback needed). On the H200 the "tiles" GEMM runs at 540–570 TFLOP/s and
+"blocks" at ~220 (bench/results/gemm-h200.md): each 32-K promotion waits for its wgmma, which
+serializes the tensor cores with the float32 adds.
 
 alpha is applied in the epilogue (folded into B's tile scales on the cuBLASLt path); BF16/FP32
 output; `accumulate_into` adds to an FP32 main_grad in place.

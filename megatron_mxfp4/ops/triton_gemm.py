@@ -348,7 +348,7 @@ def fix_bad_slabs(a: MXFP4Tensor, b: MXFP4Tensor, bad: torch.Tensor, alpha: floa
 
 
 #: (BM, BN, num_warps, num_stages, GROUP_M) per scale block; picked by measurement on the H200 (bench/gemm.py).
-FP8_GEMM_CONFIGS = {32: (128, 128, 4, 4, 8), 128: (128, 64, 4, 4, 8)}
+FP8_GEMM_CONFIGS = {32: (128, 128, 4, 4, 8), 128: (64, 128, 4, 4, 8)}
 DOT_SCALED_CONFIG = (128, 256, 128, 8, 3, 8)  # BM, BN, BK, num_warps, num_stages, GROUP_M
 
 

@@ -128,6 +128,7 @@ def test_cross_scaled_slabs_use_the_exact_fallback(backend):
     import megatron_mxfp4.ops.hopper_gemm as hg
 
     hg._warned.discard("bad_slabs")
+    hg.monitor._state.clear()           # earlier tests' fallbacks would otherwise warn on the first call
     before = hg.monitor.calls_with_fallback(DEV)
     c = mxfp4_gemm(a, b, backend=backend)
     assert hg.monitor.calls_with_fallback(DEV) == before + 1      # synchronizes
@@ -225,7 +226,7 @@ def test_conversion_kernel_is_bit_exact(tile, k, order):
     assert torch.equal(got.codes.view(torch.uint8), ref.codes.view(torch.uint8))
     assert torch.equal(got.scales.view(torch.int32), ref.scales.view(torch.int32))
     assert torch.equal(got.bad.bool(), ref.bad)
-    assert torch.equal(L.e4m3_dequantize(got), L.e4m3_dequantize(ref)) or tile == 128
+    torch.testing.assert_close(L.e4m3_dequantize(got), L.e4m3_dequantize(ref), rtol=0, atol=0, equal_nan=True)
     if tile == 128:
         assert ref.bad[0] and int(ref.bad.sum()) == 1
         m = to_e4m3(t, tile, mult=16.0 / 9.0, order=order)
