@@ -15,7 +15,7 @@ mkdir -p "$OUT"
 CMDS=$(mktemp -d)
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
+NGPU=${NGPU:-$(python3 -c "import torch; print(torch.cuda.device_count())")}
 ITERS=${ITERS:-30}
 COMMON_ENV=(MODEL=tiny GPUS_PER_NODE=$NGPU TP=$NGPU TRAIN_ITERS=$ITERS LOG_INTERVAL=${LOG_INTERVAL:-5}
             EVAL_ITERS=0 EVAL_INTERVAL=100000 TRANSFORMER_IMPL=local VOCAB_SIZE=4096)
