@@ -232,13 +232,13 @@ def write_summary(out: str, meta: Optional[dict] = None) -> str:
         notes.append(f"Model: {cfg.get('layers')} layers × {cfg.get('hidden')} hidden, {cfg.get('heads')} heads, "
                      f"FFN {cfg.get('ffn')}, sequence {cfg.get('seq_length')}, "
                      f"~{meta.get('params', 0) / 1e6:.1f}M parameters; {cfg.get('steps')} steps × "
-                     f"{cfg.get('global_batch')} sequences = {tokens / 1e6:.2f}M tokens; LR {cfg.get('lr')} → "
+                     f"{cfg.get('global_batch')} sequences = {tokens:,} tokens; LR {cfg.get('lr')} → "
                      f"{cfg.get('min_lr')} (warmup {cfg.get('warmup')}, cosine), dropout {cfg.get('dropout')}.")
     data = meta.get("data") or {}
     if data:
         epochs = ""
         if data.get("train_tokens") and cfg:
-            epochs = f" ({tokens / data['train_tokens']:.1f} epochs of its train split)"
+            epochs = f" ({tokens / data['train_tokens']:.3g} epochs of its train split)"
         notes.append(f"Data: {data.get('source')} — {data.get('documents', 0):,} documents, {data.get('tokens', 0):,} "
                      f"tokens (fingerprint {data.get('corpus_fingerprint')}), tokenizer {data.get('tokenizer')}"
                      f"{epochs}.")
