@@ -116,9 +116,10 @@ def _check_run_folder(out: str, meta: dict) -> None:
                              "use another --out")
     else:
         os.makedirs(out, exist_ok=True)
-        with open(path + ".tmp", "w") as f:
+        tmp = f"{path}.{os.getpid()}.tmp"  # processes of other shards may write it at the same time
+        with open(tmp, "w") as f:
             json.dump(meta, f, indent=1)
-        os.replace(path + ".tmp", path)
+        os.replace(tmp, path)
 
 
 def main(argv=None):
