@@ -78,6 +78,11 @@ case "$ARM" in
   mxfp4_fp8) ARM_ARGS=(--transformer-impl "$TRANSFORMER_IMPL" --mxfp4-backward --mxfp4-forward fp8) ;;
   *) echo "pretrain_gpt.sh: unknown ARM=$ARM (bf16, te_fp8, mxfp4, mxfp4_fp8)" >&2; exit 2 ;;
 esac
+# megatron-core's local spec without apex: torch LayerNorm (no persistent LN kernel) and no fused
+# masked-softmax extension
+if [ "$ARM" != te_fp8 ] && [ "$TRANSFORMER_IMPL" = local ]; then
+  ARM_ARGS+=(--no-persist-layer-norm --no-masked-softmax-fusion)
+fi
 case "$ARM" in mxfp4*) if [ -n "${MXFP4_ARGS:-}" ]; then read -r -a EXTRA_MX <<< "$MXFP4_ARGS"; ARM_ARGS+=("${EXTRA_MX[@]}"); fi ;; esac
 
 export CUDA_DEVICE_MAX_CONNECTIONS=1

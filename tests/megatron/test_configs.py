@@ -55,6 +55,8 @@ def test_every_arm_parses_with_the_paper_hyperparameters(model):
         assert a.lr_decay_style == "cosine" and a.lr_warmup_fraction == 0.01 and a.clip_grad == 1.0 and a.bf16
         assert a.hidden_dropout == 0.1 and a.attention_dropout == 0.1
         assert a.mxfp4_backward == arm.startswith("mxfp4")
+        if arm != "te_fp8":  # TRANSFORMER_IMPL=local: no apex kernels
+            assert a.transformer_impl == "local" and a.no_persist_layer_norm and not a.masked_softmax_fusion
         if arm == "te_fp8":
             assert a.fp8 == "e4m3" and a.transformer_impl == "transformer_engine"
         else:
