@@ -106,7 +106,8 @@ class _MXFP4ParallelMixin:
     def _mxfp4_name(self, name: Optional[str]) -> str:
         return name or f"{type(self).__name__}({self.input_size}, {self.output_size})"
 
-    def set_mxfp4(self, recipe: Optional[MXFP4Recipe], layer_id: Optional[int] = None) -> None:
+    def set_mxfp4(self, recipe: Optional[MXFP4Recipe], layer_id: Optional[int] = None,
+                  name: Optional[str] = None) -> None:
         """Re-configure after construction (used by the spec's transformer layer for layer ids and
         the BF16 first/last layers). A layer built with emulated fusion keeps a recipe (unquantized
         if needed): the stock path would need apex."""
@@ -121,12 +122,14 @@ class _MXFP4ParallelMixin:
             if not 0 <= layer_id < (1 << 16):
                 raise ValueError(f"{self.mxfp4_name}: layer_id must be in [0, 65536), got {layer_id}")
             self.mxfp4_layer_id = int(layer_id)
+        if name is not None:
+            self.mxfp4_name = name
         self._mxfp4_seed = None
 
     def _stream_key(self) -> bwd.StreamKey:
         if self._mxfp4_seed is None:
             self._mxfp4_seed = derive_seed(self.recipe.seed, data_parallel_rank())
-        key = bwd.StreamKey(self._mxfp4_seed, self.mxfp4_layer_id, self._mxfp4_calls)
+        key = bwd.StreamKey(self._mxfp4_seed, self.mxfp4_layer_id, self._mxfp4_calls, name=self.mxfp4_name)
         self._mxfp4_calls += 1
         return key
 

@@ -77,20 +77,21 @@ class MXFP4TransformerLayer(TransformerLayer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         number = self.layer_number + (self.config.num_layers if getattr(self, "is_mtp_layer", False) else 0)
-        linears = [m for _, m in self.named_modules() if isinstance(m, _MXFP4ParallelMixin)]
+        linears = [(n, m) for n, m in self.named_modules() if isinstance(m, _MXFP4ParallelMixin)]
         if len(linears) > _LAYER_SLOTS:
             raise ValueError(f"a transformer layer holds {len(linears)} MXFP4 linears; at most {_LAYER_SLOTS} "
                              "get distinct random streams")
         if (number + 1) * _LAYER_SLOTS > (1 << 16):
             raise ValueError(f"layer number {number} is too large for the 16-bit Philox layer id")
         num_layers = self.config.num_layers
-        for slot, m in enumerate(linears):
+        for slot, (rel, m) in enumerate(linears):
             recipe = m.recipe
             if recipe is not None and not getattr(self, "is_mtp_layer", False):
                 if self.layer_number <= recipe.bf16_first_layers or \
                         self.layer_number > num_layers - recipe.bf16_last_layers:
                     recipe = unquantized(recipe)
-            m.set_mxfp4(recipe, layer_id=_LAYER_SLOTS * number + slot)
+            # a name unique across layers and ranks (diagnostics, error messages): the global layer index
+            m.set_mxfp4(recipe, layer_id=_LAYER_SLOTS * number + slot, name=f"decoder.layers.{number - 1}.{rel}")
 
 
 def _linear_spec(cls, recipe: MXFP4Recipe) -> ModuleSpec:

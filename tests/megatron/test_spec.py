@@ -118,6 +118,8 @@ def test_gpt_model_spec_coverage(mcore_results):
                                     "self_attention.linear_proj:MXFP4RowParallelLinear",
                                     "self_attention.linear_qkv:MXFP4ColumnParallelLinear"]
         assert layer["ids"] == [8 * i + s for s in range(4)]
+        assert layer["names"] == [f"decoder.layers.{i - 1}.{n}" for n in (
+            "mlp.linear_fc1", "mlp.linear_fc2", "self_attention.linear_proj", "self_attention.linear_qkv")]
         assert layer["quantized"] == [i not in (1, 4)]
         assert "IdentityOp" not in layer["norms"] and len(layer["norms"]) == 2
     assert r["head_before"] == "ColumnParallelLinear" and r["head_after"] == "MXFP4ColumnParallelLinear"

@@ -310,6 +310,7 @@ def spec_coverage():
                 "number": l.layer_number,
                 "linears": sorted(f"{n}:{type(m).__name__}" for n, m in lin.items()),
                 "ids": sorted(m.mxfp4_layer_id for m in lin.values()),
+                "names": sorted(m.mxfp4_name for m in lin.values()),
                 "quantized": sorted({bool(m.recipe.dgrad and m.recipe.wgrad) for m in lin.values()}),
                 "norms": [type(l.input_layernorm).__name__, type(l.pre_mlp_layernorm).__name__],
             })
