@@ -1,6 +1,6 @@
 """Megatron integration tests: skipped when megatron-core (and triton, which it imports) is absent.
 
-The distributed scenarios run once per session in 2 processes (gloo on CPU) through worker.py;
+The distributed scenarios run once per pytest run in 2 processes (gloo on CPU) through worker.py;
 `mcore_results` holds their metrics and each test asserts on its own scenario.
 """
 import json
