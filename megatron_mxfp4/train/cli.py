@@ -241,7 +241,7 @@ def _prepare_data(args, cfg, out, dist):
             prefix = box[0]
         meta = read_meta(prefix)
     meta = dict(meta)
-    meta["prefix"] = os.path.abspath(prefix)
+    meta["prefix"] = prefix  # as given (relative paths stay relative)
     tok = meta.get("tokenizer", {})
     meta["tokenizer"] = f"{tok.get('name', '?')} (vocab {tok.get('vocab_size', '?')}, sha256 {tok.get('sha256', '?')})" \
         if isinstance(tok, dict) else tok

@@ -125,7 +125,7 @@ def curves(out: str):
         if not tr:
             continue
         n = min(len(t) for t in tr)
-        span = max(1, n // 25)
+        span = max(1, n // 15)
         sm = [_ema([x["loss"] for x in t[:n]], span) for t in tr]
         steps = [x["step"] for x in tr[0][:n]]
         mean = [statistics.fmean(v) for v in zip(*sm)]
