@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install megatron-mxfp4 into the current Python environment.
 #   scripts/install.sh          the package (torch is installed first if missing: the CPU build 2.13.0)
-#   scripts/install.sh test     + test dependencies and megatron-core 0.19.2 (pinned)
+#   scripts/install.sh test     + test dependencies, megatron-core 0.19.2, deepspeed 0.19.8, transformers (pinned)
 #   scripts/install.sh train    + what mxfp4-train needs: megatron-core 0.19.2, tokenizers, tqdm, matplotlib
 # On GPU machines install torch with CUDA yourself first; the CUDA extension is then built against it.
 set -euo pipefail
@@ -12,7 +12,7 @@ if ! $PY -c "import torch" 2>/dev/null; then
 fi
 $PY -m pip install -q setuptools wheel pybind11
 extras=""
-[ "${1:-}" = "test" ] && extras="[test]"
+[ "${1:-}" = "test" ] && extras="[test,deepspeed]"
 [ "${1:-}" = "train" ] && extras="[train]"
 $PY -m pip install -q --no-build-isolation -e ".${extras}"
 if [ "${1:-}" = "test" ] || [ "${1:-}" = "train" ]; then
