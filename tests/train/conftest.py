@@ -1,6 +1,3 @@
-import os
-import sys
-
 import pytest
 import torch
 
@@ -22,14 +19,3 @@ def megatron_cpu():
         torch.distributed.destroy_process_group()
     for k, v in saved.items():
         setattr(torch.cuda, k, v)
-
-
-def run_cli(args, cwd=None, timeout=600):
-    """mxfp4-train in a fresh process (for hard stops); returns the CompletedProcess."""
-    import subprocess
-
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return subprocess.run([sys.executable, "-m", "megatron_mxfp4.train", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from conftest import run_cli
+from train_helpers import run_cli
 
 from megatron_mxfp4.train.cli import main
 from megatron_mxfp4.train.metrics import read_jsonl
