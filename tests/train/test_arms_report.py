@@ -118,3 +118,24 @@ def test_report_aggregates_seeds_and_pairs_the_gap(tmp_path):
         return
     assert (tmp_path / "loss.png").stat().st_size > 10_000
     assert "![loss](loss.png)" in md
+
+
+def test_fp8_backward_format_is_the_fp8_reference_gemm():
+    """The `fp8` arm's backward: dgrad and wgrad are E4M3 current-scaled GEMMs of the exact
+    operands (any reduction size; rounding/RHT do not apply), and a bad format names the value."""
+    import torch
+
+    from megatron_mxfp4 import mxfp4_linear
+    from megatron_mxfp4.numerics.fp8 import fp8_matmul_reference
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(48, 40, generator=g, requires_grad=True)  # 48 tokens, 40 features: not MX-blockable
+    w = torch.randn(24, 40, generator=g, requires_grad=True)
+    dy = torch.randn(48, 24, generator=g)
+    mxfp4_linear(x, w, None, MXFP4Recipe(backward_format="fp8", rht_block=0)).backward(dy)
+    assert torch.equal(x.grad, fp8_matmul_reference(dy, w.detach().t().contiguous(), torch.float32))
+    assert torch.equal(w.grad, fp8_matmul_reference(dy.t().contiguous(), x.detach().t().contiguous(), torch.float32))
+    rel = (x.grad - dy @ w.detach()).norm() / (dy @ w.detach()).norm()
+    assert 0 < rel < 0.1
+    with pytest.raises(ValueError, match="backward_format.*'fp4'"):
+        MXFP4Recipe(backward_format="fp4")
