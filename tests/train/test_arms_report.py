@@ -1,6 +1,7 @@
 """Arms table, CLI validation, LR schedule and the report (no model is trained here)."""
 import json
 import math
+import os
 
 import pytest
 
@@ -139,3 +140,11 @@ def test_fp8_backward_format_is_the_fp8_reference_gemm():
     assert 0 < rel < 0.1
     with pytest.raises(ValueError, match="backward_format.*'fp4'"):
         MXFP4Recipe(backward_format="fp4")
+
+
+def test_docs_arms_table_matches_the_code():
+    from megatron_mxfp4.train.arms import arms_table
+
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "training.md"), encoding="utf-8").read()
+    missing = [line for line in arms_table().splitlines() if line not in doc]
+    assert not missing, "docs/training.md's arms table is out of date: " + "; ".join(missing)
