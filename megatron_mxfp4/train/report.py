@@ -179,7 +179,7 @@ def plot(out: str, title: str = "") -> Optional[str]:
                 gx.plot(*zip(*pts), color=colors[arm], lw=1.2, label=f"{arm} − bf16 (train, smoothed)")
             vp = [(s, v - bv[s]) for s, v in zip(vs, vm) if s in bv]
             if vp:
-                gx.plot(*zip(*vp), color=colors[arm], lw=0.8, ls="--", marker="o", ms=3)
+                gx.plot(*zip(*vp), color=colors[arm], lw=0.8, ls="--", marker="o", ms=3, label=f"{arm} − bf16 (valid)")
         gx.axhline(0, color="k", lw=0.8)
         gx.set_ylabel("gap to bf16 (loss)")
         gx.legend(fontsize=7)
@@ -205,7 +205,8 @@ def write_summary(out: str, meta: Optional[dict] = None) -> str:
     cfg = meta.get("config", {})
     rows = aggregate(out)
     tab = table(rows, cfg.get("steps"))
-    png = plot(out, title=f"{meta.get('preset', '')} — {cfg.get('corpus', '')}".strip(" —"))
+    source = (meta.get("data") or {}).get("source") or cfg.get("corpus", "")
+    png = plot(out, title=f"{meta.get('preset', '')} — {source}".strip(" —"))
     lines = [f"# mxfp4-train: {meta.get('preset', 'custom')}", ""]
     if meta.get("command"):
         lines += ["```", meta["command"], "```", ""]
