@@ -31,7 +31,7 @@ if ! ls megatron_mxfp4/_mxfp4_cuda*.so >/dev/null 2>&1; then
 fi
 if [[ ",$ARMS," == *",te-fp8,"* ]] && ! $PY -c "import transformer_engine.pytorch" >/dev/null 2>&1; then
   ARMS=$(echo ",$ARMS," | sed 's/,te-fp8,/,/; s/^,//; s/,$//')
-  echo "Transformer Engine is not installed here: te-fp8 left out (install it first: ../shared/te-on-device)"
+  echo "Transformer Engine is not installed here: te-fp8 left out"
 fi
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
 [ "$NGPU" -ge 1 ] || { echo "no GPU visible"; exit 1; }
