@@ -127,3 +127,21 @@ def wgrad(dy: torch.Tensor, x: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey
     out = mxfp4_gemm(a, b, out_dtype=torch.float32, backend=recipe.gemm_backend)
     diagnostics.measure_gemm(key.name, "wgrad", exact, out, dy.t(), a, x.t(), b, signs)
     return out
+
+
+def grad_input(dy: torch.Tensor, weight: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey,
+               qdy: Optional[MXFP4Tensor] = None) -> torch.Tensor:
+    """dX = dY · W under the recipe: `dgrad` (float32) when `recipe.dgrad`, else the unquantized
+    product in dY's dtype (exactly what a stock linear layer computes)."""
+    if not recipe.dgrad:
+        return dy @ weight.to(dy.dtype)
+    return dgrad(dy, weight, recipe, key, qdy=qdy)
+
+
+def grad_weight(dy: torch.Tensor, x: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey,
+                qdy: Optional[MXFP4Tensor] = None) -> torch.Tensor:
+    """dW = dYᵀ · X under the recipe: `wgrad` (float32) when `recipe.wgrad`, else the unquantized
+    product in dY's dtype."""
+    if not recipe.wgrad:
+        return dy.t() @ x.to(dy.dtype)
+    return wgrad(dy, x, recipe, key, qdy=qdy)

@@ -61,17 +61,9 @@ class MXFP4LinearFunction(torch.autograd.Function):
         dx = dw = db = None
         qd, qw = bwd.grad_output_operands(dy2d, recipe, key, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         if ctx.needs_input_grad[0]:
-            if recipe.dgrad:
-                dx = bwd.dgrad(dy2d, weight, recipe, key, qdy=qd)
-            else:
-                dx = dy2d @ weight.to(dy2d.dtype)
-            dx = dx.to(x.dtype).reshape(x.shape)
+            dx = bwd.grad_input(dy2d, weight, recipe, key, qdy=qd).to(x.dtype).reshape(x.shape)
         if ctx.needs_input_grad[1]:
-            if recipe.wgrad:
-                dw = bwd.wgrad(dy2d, x2d, recipe, key, qdy=qw)
-            else:
-                dw = dy2d.t() @ x2d.to(dy2d.dtype)
-            dw = dw.to(weight.dtype)
+            dw = bwd.grad_weight(dy2d, x2d, recipe, key, qdy=qw).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2d.sum(0)
         return dx, dw, db, None, None

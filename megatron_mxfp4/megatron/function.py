@@ -113,13 +113,11 @@ class MXFP4ParallelLinearFunction(torch.autograd.Function):
         else:
             total_input = input
 
-        # 2. dgrad over the local output features
-        if recipe.dgrad:
-            dy2d = grad_output.reshape(-1, grad_output.shape[-1])
-            grad_input = bwd.dgrad(dy2d, weight, recipe, key).to(ctx.input_dtype)
-            grad_input = grad_input.view(*grad_output.shape[:-1], weight.shape[1])
-        else:
-            grad_input = grad_output.matmul(weight)
+        # 2. dgrad over the local output features (dY read once for both GEMMs when both are MXFP4)
+        dy2d = grad_output.reshape(-1, grad_output.shape[-1])
+        qd, qw = bwd.grad_output_operands(dy2d, recipe, key, True, wgrad)
+        grad_input = bwd.grad_input(dy2d, weight, recipe, key, qdy=qd).to(ctx.input_dtype)
+        grad_input = grad_input.view(*grad_output.shape[:-1], weight.shape[1])
 
         # 3. the gather must be complete before wgrad reads X
         if handle is not None:
@@ -142,10 +140,8 @@ class MXFP4ParallelLinearFunction(torch.autograd.Function):
         # 5. wgrad over the (gathered) tokens
         grad_weight = None
         if wgrad:
-            if recipe.wgrad:
-                dw = bwd.wgrad(grad_output, total_input, recipe, key)  # float32
-            else:
-                dw = grad_output.t().matmul(total_input)  # the input's dtype, as Megatron
+            # float32 in MXFP4; the input's dtype, as Megatron, when off
+            dw = bwd.grad_weight(grad_output, total_input, recipe, key, qdy=qw)
             main_grad = ctx.main_grad
             if ctx.fusion and main_grad is not None:
                 main_grad.add_(dw)  # FP32 accumulation (the MXFP4 result is FP32 already)
