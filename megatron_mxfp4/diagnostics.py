@@ -80,6 +80,7 @@ class MXFP4Monitor:
     jsonl_path: Optional[str] = None
     group: Optional[object] = None
     step: int = 0
+    _micro: int = 0
     _pending: Dict[Tuple[str, str], Dict[str, float]] = field(default_factory=dict)
     _guards: Dict[Tuple[str, str], _GuardState] = field(default_factory=dict)
     history: List[dict] = field(default_factory=list)
@@ -97,8 +98,8 @@ class MXFP4Monitor:
     # --- asked by the backward -------------------------------------------------------------
     @property
     def sampling(self) -> bool:
-        """Whether the current step is a sampled one (exact GEMMs are computed beside MXFP4)."""
-        return self.interval > 0 and self.step % self.interval == 0 and not self.in_tail
+        """Whether this is a sampled step's first micro-batch (exact GEMMs are computed beside MXFP4)."""
+        return self.interval > 0 and self.step % self.interval == 0 and self._micro == 0 and not self.in_tail
 
     @property
     def in_tail(self) -> bool:
@@ -116,6 +117,19 @@ class MXFP4Monitor:
         self._pending.setdefault((layer, gemm), stats)
 
     # --- called by the training loop ----------------------------------------------------------
+    def micro_batch(self, index: int) -> None:
+        """Tell the monitor which micro-batch of the step runs next (only the first is sampled)."""
+        self._micro = index
+
+    def state_dict(self) -> dict:
+        """What a checkpoint must keep so that a resumed run takes the same decisions."""
+        return {"step": self.step, "guards": {f"{k[0]}\t{k[1]}": (v.low_checks, v.switched_at)
+                                               for k, v in self._guards.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self._guards = {tuple(k.split("\t")): _GuardState(*v) for k, v in state["guards"].items()}
+
     def end_step(self) -> List[dict]:
         """Reduce this step's statistics over ranks, update the guard, log, and advance the step."""
         records = []
@@ -135,6 +149,7 @@ class MXFP4Monitor:
                 for r in records:
                     f.write(json.dumps(r) + "\n")
         self.step += 1
+        self._micro = 0
         return records
 
     def switched(self) -> Dict[Tuple[str, str], int]:

@@ -66,6 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after the step that passes this wall time (a checkpoint is saved; exit code 3); "
                         "the same command continues")
     s.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    g = ap.add_argument_group("MXFP4 diagnostics (MXFP4 arms; see mxfp4-report)")
+    g.add_argument("--diagnostics-interval", type=int, default=100, metavar="N",
+                   help="every N steps, measure each MXFP4 GEMM against its exact product on one micro batch "
+                        "(0 = off)")
+    g.add_argument("--guard-snr", type=float, default=None, metavar="X",
+                   help="switch a layer's GEMM to the unquantized backward when its SNR stays below X")
+    g.add_argument("--guard-patience", type=int, default=3, metavar="K", help="... for K consecutive checks")
+    g.add_argument("--unquantized-tail", type=float, default=0.0, metavar="F",
+                   help="run the last fraction F of the steps with an unquantized backward")
     s.add_argument("--exit-after-step", type=int, default=None, help=argparse.SUPPRESS)  # tests: a hard stop
     return ap
 
@@ -197,7 +206,9 @@ def run(args, cfg, arms, seeds, shard, out, argv) -> int:
             train_arm(arm.with_seed(seed, args.mxfp4_backend), seed, cfg, dist, os.path.join(out, f"{arm.name}-s{seed}"),
                       datasets[seed], dtype=dtype, impl=args.transformer_impl, vocab_size=tok.vocab_size,
                       progress=not args.no_progress and sys.stderr.isatty(), exit_after_step=args.exit_after_step,
-                      deadline=deadline, log=log)
+                      deadline=deadline, log=log, diagnostics_cfg=dict(
+                          interval=args.diagnostics_interval, snr_threshold=args.guard_snr,
+                          patience=args.guard_patience, unquantized_tail=args.unquantized_tail))
         except TimeLimitReached as e:
             log(f"\n{e}; run the same command again to continue")
             rc = 3

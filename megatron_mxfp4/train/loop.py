@@ -17,16 +17,17 @@ from typing import Optional
 
 import torch
 
+from .. import diagnostics
 from . import checkpoint as ckpt
 from .metrics import MetricsWriter
 from .model import build_model
+from .optim import MasterAdamW, lr_at
 
 
 def finalize_model_grads(models):
     from megatron.core.distributed import finalize_model_grads as _finalize
 
     _finalize(models)
-from .optim import MasterAdamW, lr_at
 
 
 class SimulatedKill(SystemExit):
@@ -109,9 +110,12 @@ def _peak_memory_mb(dist) -> float:
 
 def train_arm(arm, seed: int, cfg, dist, run_dir: str, data, *, dtype, impl: str, vocab_size: int,
               progress: bool = True, exit_after_step: Optional[int] = None, deadline: Optional[float] = None,
-              log=print) -> dict:
+              diagnostics_cfg: Optional[dict] = None, log=print) -> dict:
     """Train one arm with one seed in `run_dir` (resuming from its latest checkpoint); returns the
-    final results (also written to ``run_dir/done.json``)."""
+    final results (also written to ``run_dir/done.json``).
+
+    `diagnostics_cfg`: `MXFP4Monitor` options (interval, snr_threshold, patience, unquantized_tail) for
+    the MXFP4 arms; statistics go to ``run_dir/diagnostics.jsonl``."""
     train_ds, valid_ds = data
     done_path = os.path.join(run_dir, "done.json")
     if os.path.exists(done_path):
@@ -127,12 +131,18 @@ def train_arm(arm, seed: int, cfg, dist, run_dir: str, data, *, dtype, impl: str
         torch.cuda.reset_peak_memory_stats()
     model, gpt = build_model(cfg, arm, dist, dtype, impl, vocab_size, seed)
     optimizer = MasterAdamW(model, cfg)
+    is_main = dist.rank == 0
+    monitor = None
+    if diagnostics_cfg and arm.recipe is not None and arm.recipe.backward_format == "mxfp4":
+        monitor = diagnostics.MXFP4Monitor(total_steps=cfg.steps, **diagnostics_cfg,
+                                           jsonl_path=os.path.join(run_dir, "diagnostics.jsonl") if is_main else None)
     start = 0
     resume = ckpt.latest_step(run_dir)
     if resume is not None:
-        ckpt.load(run_dir, resume, gpt, optimizer, dist)
+        state = ckpt.load(run_dir, resume, gpt, optimizer, dist)
         start = resume + 1
-    is_main = dist.rank == 0
+        if monitor is not None and "monitor" in state:
+            monitor.load_state_dict(state["monitor"])
     writer = MetricsWriter(run_dir, resume, enabled=is_main)
     tokens_per_step = cfg.global_batch * cfg.seq_length
     if is_main:
@@ -149,54 +159,65 @@ def train_arm(arm, seed: int, cfg, dist, run_dir: str, data, *, dtype, impl: str
     step_times, last_val = [], None
     t_arm = time.time()
     model.train()
-    for step in range(start, cfg.steps):
-        _sync(dist)
-        t0 = time.time()
-        lr = lr_at(step, cfg)
-        model.zero_grad_buffer()
-        tot = torch.zeros(2, dtype=torch.float64, device=dist.device)
-        n_micro = cfg.global_batch // (dist.dp * cfg.micro_batch)
-        for batch in _micro_batches(train_ds, step, cfg, dist):
-            s, c = _forward_loss(model, _to(batch, dist.device))
-            (s / c / n_micro).backward()
-            tot[0] += s.detach().double()
-            tot[1] += c.detach().double()
-        finalize_model_grads([model])  # DP reduction, SP LayerNorm and tied-embedding grads
-        gnorm, applied = optimizer.step(lr)
-        _dp_sum(tot)
-        loss = float(tot[0] / tot[1])
-        _sync(dist)
-        dt = time.time() - t0
-        step_times.append(dt)
-        rec = {"kind": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": gnorm, "step_time": dt,
-               "tokens_per_s": tokens_per_step / dt, "tokens": (step + 1) * tokens_per_step}
-        if not applied:
-            rec["skipped"] = True
-        writer.write(rec)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
-        elif is_main and (step % cfg.log_interval == 0 or step == cfg.steps - 1):
-            log(f"  {arm.name} s{seed} step {step:5d}  loss {loss:.4f}  lr {lr:.2e}  {tokens_per_step / dt:,.0f} tok/s")
-        last = step == cfg.steps - 1
-        if (step + 1) % cfg.eval_interval == 0 or last:
-            last_val = evaluate(model, valid_ds, cfg, dist)
-            writer.write({"kind": "valid", "step": step, "loss": last_val, "tokens": (step + 1) * tokens_per_step})
+    diagnostics.set_active_monitor(monitor)
+    try:
+        for step in range(start, cfg.steps):
+            _sync(dist)
+            t0 = time.time()
+            lr = lr_at(step, cfg)
+            model.zero_grad_buffer()
+            tot = torch.zeros(2, dtype=torch.float64, device=dist.device)
+            n_micro = cfg.global_batch // (dist.dp * cfg.micro_batch)
+            for i, batch in enumerate(_micro_batches(train_ds, step, cfg, dist)):
+                if monitor is not None:
+                    monitor.micro_batch(i)
+                s, c = _forward_loss(model, _to(batch, dist.device))
+                (s / c / n_micro).backward()
+                tot[0] += s.detach().double()
+                tot[1] += c.detach().double()
+            finalize_model_grads([model])  # DP reduction, SP LayerNorm and tied-embedding grads
+            gnorm, applied = optimizer.step(lr)
+            if monitor is not None:
+                monitor.end_step()  # reduces the sampled statistics over ranks; may switch GEMMs
+            _dp_sum(tot)
+            loss = float(tot[0] / tot[1])
+            _sync(dist)
+            dt = time.time() - t0
+            step_times.append(dt)
+            rec = {"kind": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": gnorm, "step_time": dt,
+                   "tokens_per_s": tokens_per_step / dt, "tokens": (step + 1) * tokens_per_step}
+            if not applied:
+                rec["skipped"] = True
+            writer.write(rec)
             if bar is not None:
-                bar.set_postfix(loss=f"{loss:.3f}", val=f"{last_val:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}")
-        stop = not last and _past(deadline, dist)
-        if (step + 1) % cfg.save_interval == 0 or last or stop:
-            ckpt.save(run_dir, step, gpt, optimizer, dist, {"arm": arm.name, "seed": seed})
-        if stop:
-            writer.close()
-            if bar is not None:
-                bar.close()
-            raise TimeLimitReached(f"{arm.name} seed {seed}: time limit reached after step {step} (checkpoint saved)")
-        if exit_after_step is not None and step == exit_after_step:
-            writer.close()
-            if bar is not None:
-                bar.close()
-            raise SimulatedKill(f"stopped after step {step} (--exit-after-step)")
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
+            elif is_main and (step % cfg.log_interval == 0 or step == cfg.steps - 1):
+                log(f"  {arm.name} s{seed} step {step:5d}  loss {loss:.4f}  lr {lr:.2e}  {tokens_per_step / dt:,.0f} tok/s")
+            last = step == cfg.steps - 1
+            if (step + 1) % cfg.eval_interval == 0 or last:
+                last_val = evaluate(model, valid_ds, cfg, dist)
+                writer.write({"kind": "valid", "step": step, "loss": last_val, "tokens": (step + 1) * tokens_per_step})
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss:.3f}", val=f"{last_val:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}")
+            stop = not last and _past(deadline, dist)
+            if (step + 1) % cfg.save_interval == 0 or last or stop:
+                extra = {"arm": arm.name, "seed": seed}
+                if monitor is not None:
+                    extra["monitor"] = monitor.state_dict()
+                ckpt.save(run_dir, step, gpt, optimizer, dist, extra)
+            if stop:
+                writer.close()
+                if bar is not None:
+                    bar.close()
+                raise TimeLimitReached(f"{arm.name} seed {seed}: time limit reached after step {step} (checkpoint saved)")
+            if exit_after_step is not None and step == exit_after_step:
+                writer.close()
+                if bar is not None:
+                    bar.close()
+                raise SimulatedKill(f"stopped after step {step} (--exit-after-step)")
+    finally:
+        diagnostics.set_active_monitor(None)
     if bar is not None:
         bar.close()
     writer.close()

@@ -187,3 +187,28 @@ def test_hard_stop_resumes_on_the_same_trajectory(tmp_path, small_data, megatron
     assert checkpoint.latest_step(tl_run) == 0 and len(_train(tl_run)) == 1
     assert main([*common, "--out", tl_dir]) == 0
     assert [(r["loss"], r["grad_norm"]) for r in _train(tl_run)] == [(r["loss"], r["grad_norm"]) for r in a]
+
+
+def test_diagnostics_guard_switches_and_survives_a_resume(tmp_path, small_data, megatron_cpu):
+    """--diagnostics-interval 1 logs every MXFP4 GEMM; an unreachable SNR threshold switches each of
+    them to the unquantized backward after `patience` checks; a run killed after the switch resumes
+    with the guard state (the same losses as an uninterrupted run)."""
+    common = ["--data-path", small_data, "--arms", "mxfp4-rht-sr", "--steps", "4", "--eval-interval", "4",
+              "--save-interval", "2", "--diagnostics-interval", "1", "--guard-snr", "1e9", "--guard-patience", "2",
+              *SMALL]
+    ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
+    assert main([*common, "--out", ref]) == 0
+    rows = read_jsonl(os.path.join(ref, "mxfp4-rht-sr-s1", "diagnostics.jsonl"))
+    stats = [r for r in rows if "event" not in r]
+    switches = [r for r in rows if r.get("event") == "switched_to_unquantized"]
+    gemms = {(r["layer"], r["gemm"]) for r in stats}
+    assert len(gemms) == 8  # 1 layer x (qkv, proj, fc1, fc2) x (dgrad, wgrad)
+    assert {r["step"] for r in stats} == {0, 1} and len(switches) == 8 and {r["step"] for r in switches} == {1}
+    with pytest.raises(SystemExit):
+        main([*common, "--out", cut, "--exit-after-step", "2"])
+    run = os.path.join(cut, "mxfp4-rht-sr-s1")
+    assert open(os.path.join(run, "ckpt", "latest")).read().strip() == "1"  # saved just after the switch
+    assert main([*common, "--out", cut]) == 0
+    # Steps 2 and 3 must run unquantized again after the resume: same gradient norms and losses.
+    assert [(r["loss"], r["grad_norm"]) for r in _train(run)] == [(r["loss"], r["grad_norm"]) for r in
+                                                                   _train(os.path.join(ref, "mxfp4-rht-sr-s1"))]
