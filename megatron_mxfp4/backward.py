@@ -112,21 +112,29 @@ def dgrad(dy: torch.Tensor, weight: torch.Tensor, recipe: MXFP4Recipe, key: Stre
 
 
 def wgrad(dy: torch.Tensor, x: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey,
-          qdy: Optional[MXFP4Tensor] = None) -> torch.Tensor:
+          qdy: Optional[MXFP4Tensor] = None, accumulate_into: Optional[torch.Tensor] = None) -> torch.Tensor:
     """dW = dYᵀ · X (float32) with both operands in MXFP4 along tokens. dy [T, out], x [T, in].
-    `qdy`: dYᵀ already quantized (`grad_output_operands`)."""
+    `qdy`: dYᵀ already quantized (`grad_output_operands`). `accumulate_into`: a float32 [out, in]
+    tensor (Megatron's `main_grad`) that dW is added to in place by the GEMM's epilogue, and returned."""
     exact = lambda: dy.t().float() @ x.float()  # noqa: E731
     if not diagnostics.gemm_quantized(key.name, "wgrad"):
-        return exact()
+        return _accumulate(exact(), accumulate_into)
     if recipe.backward_format == "fp8":
-        return fp8_matmul(dy.t().contiguous(), x.t().contiguous(), out_dtype=torch.float32)
+        return _accumulate(fp8_matmul(dy.t().contiguous(), x.t().contiguous(), out_dtype=torch.float32),
+                           accumulate_into)
     check_reduction_dim(dy.shape[0], recipe, "wgrad reduction (tokens = sequence × micro-batch)")
     signs = gemm_signs(recipe, key, Gemm.WGRAD, dy.device)
     a = qdy if qdy is not None else _quantize(dy.t(), recipe, key, Gemm.WGRAD, Operand.GRAD_OUTPUT, signs)
     b = _quantize(x.t(), recipe, key, Gemm.WGRAD, Operand.INPUT, signs)
-    out = mxfp4_gemm(a, b, out_dtype=torch.float32, backend=recipe.gemm_backend)
-    diagnostics.measure_gemm(key.name, "wgrad", exact, out, dy.t(), a, x.t(), b, signs)
-    return out
+    if diagnostics.sampling():  # the statistics need dW on its own
+        out = mxfp4_gemm(a, b, out_dtype=torch.float32, backend=recipe.gemm_backend)
+        diagnostics.measure_gemm(key.name, "wgrad", exact, out, dy.t(), a, x.t(), b, signs)
+        return _accumulate(out, accumulate_into)
+    return mxfp4_gemm(a, b, out_dtype=torch.float32, backend=recipe.gemm_backend, accumulate_into=accumulate_into)
+
+
+def _accumulate(dw: torch.Tensor, into: Optional[torch.Tensor]) -> torch.Tensor:
+    return dw if into is None else into.add_(dw)
 
 
 def grad_input(dy: torch.Tensor, weight: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey,
@@ -139,9 +147,9 @@ def grad_input(dy: torch.Tensor, weight: torch.Tensor, recipe: MXFP4Recipe, key:
 
 
 def grad_weight(dy: torch.Tensor, x: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey,
-                qdy: Optional[MXFP4Tensor] = None) -> torch.Tensor:
+                qdy: Optional[MXFP4Tensor] = None, accumulate_into: Optional[torch.Tensor] = None) -> torch.Tensor:
     """dW = dYᵀ · X under the recipe: `wgrad` (float32) when `recipe.wgrad`, else the unquantized
-    product in dY's dtype."""
+    product in dY's dtype. With `accumulate_into` (float32 [out, in]) dW is added to it instead."""
     if not recipe.wgrad:
-        return dy.t() @ x.to(dy.dtype)
-    return wgrad(dy, x, recipe, key, qdy=qdy)
+        return _accumulate(dy.t() @ x.to(dy.dtype), accumulate_into)
+    return wgrad(dy, x, recipe, key, qdy=qdy, accumulate_into=accumulate_into)

@@ -191,6 +191,11 @@ def active_monitor() -> Optional[MXFP4Monitor]:
     return _active
 
 
+def sampling() -> bool:
+    """Whether the active monitor samples the current micro-batch."""
+    return _active is not None and _active.sampling
+
+
 def gemm_quantized(layer: str, gemm: str) -> bool:
     """False when the active monitor's guard or tail schedule runs this GEMM unquantized."""
     return _active is None or not layer or _active.quantized(layer, gemm)

@@ -176,3 +176,15 @@ def test_sign_policies(policy):
         assert torch.equal(s[0], s[1])
     else:
         assert not torch.equal(s[0], s[1])
+
+
+@pytest.mark.parametrize("recipe", [MXFP4Recipe(), MXFP4Recipe(wgrad=False), RTN])
+def test_wgrad_accumulates_into_fp32_main_grad(recipe):
+    from megatron_mxfp4.backward import grad_weight
+
+    x, w, b, dy = _inputs()
+    key = StreamKey(5, 1, 2)
+    main_grad = torch.randn(w.shape)
+    expected = main_grad + grad_weight(dy, x, recipe, key)
+    out = grad_weight(dy, x, recipe, key, accumulate_into=main_grad)
+    assert out is main_grad and torch.allclose(main_grad, expected, rtol=1e-6, atol=1e-6)

@@ -140,16 +140,16 @@ class MXFP4ParallelLinearFunction(torch.autograd.Function):
         # 5. wgrad over the (gathered) tokens
         grad_weight = None
         if wgrad:
-            # float32 in MXFP4; the input's dtype, as Megatron, when off
-            dw = bwd.grad_weight(grad_output, total_input, recipe, key, qdy=qw)
             main_grad = ctx.main_grad
             if ctx.fusion and main_grad is not None:
-                main_grad.add_(dw)  # FP32 accumulation (the MXFP4 result is FP32 already)
+                # FP32 accumulation into main_grad, in the MXFP4 GEMM's epilogue
+                bwd.grad_weight(grad_output, total_input, recipe, key, qdy=qw, accumulate_into=main_grad)
                 if hasattr(weight, "grad_added_to_main_grad"):
                     grad_weight = _dummy_wgrad(weight, ctx.input_dtype)
                     weight.grad_added_to_main_grad = True
             else:
-                grad_weight = dw.to(weight.dtype)
+                # float32 in MXFP4; the input's dtype, as Megatron, when off
+                grad_weight = bwd.grad_weight(grad_output, total_input, recipe, key, qdy=qw).to(weight.dtype)
 
         # 6. bias gradient from the unquantized dY
         grad_bias = None
