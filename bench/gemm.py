@@ -24,7 +24,6 @@ Operands of our methods: BF16 N(0,1) data with outlier columns, RHT (g=64) + RTN
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -33,6 +32,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_mxfp4.numerics.quantize import gemm_alpha, quantize_reference  # noqa: E402
+
+from common import gpu_clocks  # noqa: E402  (bench/common.py)
 
 MODELS = {"1.3b": 2048, "6.7b": 4096}
 METHODS = ["bf16", "fp8_tensor", "fp8_row", "fp8_1x128", "dot_scaled", "hopper_gemm", "hopper", "hopper_acc",
@@ -206,11 +207,7 @@ def main(argv=None):
         print(f"{s['model']} tp{s['tp']} {s['layer']} {s['gemm']} {key}: {tf} err={err}", flush=True)
     dev = torch.cuda.get_device_name()
     cmd = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
-    try:
-        clocks = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,clocks.max.sm,power.draw",
-                                 "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
-    except Exception:
-        clocks = "n/a"
+    clocks = gpu_clocks()
     head = ["| model | TP | layer | GEMM | M, N, K |"] + [f" {m} |" for m in methods] + \
            [" hopper / bf16 | hopper / fp8_tensor | exact / bf16 | err hopper | err exact |"]
     table = ["".join(head), "|" + "---|" * (5 + len(methods) + 5)]

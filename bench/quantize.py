@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -26,40 +25,10 @@ from megatron_mxfp4.numerics.rht import draw_signs  # noqa: E402
 from megatron_mxfp4.ops import quantize_mxfp4, quantize_mxfp4_dual  # noqa: E402
 from megatron_mxfp4.ops import cuda_quantize  # noqa: E402
 
+from common import events_median, graph_time  # noqa: E402,F401  (bench/common.py)
+
 SHAPES = [(8192, 4096), (8192, 12288), (8192, 16384), (4096, 8192), (12288, 8192), (16384, 8192)]
 GS = (0, 32, 64, 128, 256)
-
-
-def events_median(fn, iters: int) -> float:
-    """Median milliseconds of fn() over iters runs, timed with CUDA events."""
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
-def graph_time(fn, reps: int = 10, iters: int = 7) -> float:
-    """Median milliseconds per call of fn, from replays of a CUDA graph holding `reps` calls."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    ms = events_median(graph.replay, iters) / reps
-    del graph
-    return ms
 
 
 def copy_bandwidth() -> float:
