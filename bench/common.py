@@ -252,8 +252,13 @@ def arms_table(arms: Sequence[Arm]) -> str:
     rows = []
     for a in arms:
         r = a.recipe
-        rows.append([a.name, a.label, a.family, a.te_recipe or "",
-                     "" if r is None else f"fwd={r.forward} bwd={r.backward_format} g={r.rht_block} {r.rounding}"])
+        if r is None:
+            what = ""
+        elif r.backward_format == "fp8":
+            what = f"fwd={r.forward} bwd=fp8 (per-tensor current scaling)"
+        else:
+            what = f"fwd={r.forward} bwd=mxfp4 g={r.effective_rht_block} {r.rounding} backend={r.backend}"
+        rows.append([a.name, a.label, a.family, a.te_recipe or "", what])
     return markdown_table(["arm", "what", "family", "TE recipe", "recipe"], rows)
 
 

@@ -1,0 +1,291 @@
+"""One megatron-core transformer layer in every arm, side by side: forward, backward, forward + backward.
+
+Each arm builds a `TransformerLayer` from a layer spec:
+  bf16_mcore         megatron-core's local spec (`get_gpt_layer_local_spec`), BF16
+  bf16_te            megatron-core's Transformer Engine spec, BF16          } only where
+  te_fp8_delayed     the TE spec under TE's FP8 autocast, delayed scaling   } transformer_engine
+  te_fp8_current     the TE spec under TE's FP8 autocast, current scaling   } imports
+  ours_*             `megatron_mxfp4.megatron.get_gpt_layer_spec(recipe)` on the local spec; with TE
+                     also on the TE spec (arm name suffix "@te": TE attention and norms, our linears)
+Ratios: "× BF16" compares an arm with the BF16 arm of the same base spec (ours_* with bf16_mcore,
+ours_*@te with bf16_te); "× TE FP8" with te_fp8_delayed.
+
+Shapes: GPT-1.3B (h 2048, 16 heads, ffn 8192) or GPT-6.7B (h 4096, 32 heads, ffn 16384) at
+seq × micro-batch = 2048 × 4 (T = 8192 tokens), BF16, dropout 0.1 (as configs/), causal attention.
+Timing as in linear.py (`common.measure`: warm-up, CUDA-event medians, rotating inputs, L2 flush).
+TFLOP/s count the layer's model FLOPs: linears 2·T·(4h² + 2·h·ffn) and causal attention 2·T·s·h per
+forward, ×3 for forward + backward (Megatron's convention).
+
+    python bench/layer.py [--model 6.7b] [--seq 2048] [--micro-batch 4] [--arms PATTERNS]
+    python bench/layer.py --device cpu --tiny      smoke run of every arm's code path (reference backends)
+    python bench/layer.py --dry-run
+
+Writes STEM.json and STEM.md (default bench/results/layer-<device>; --out STEM).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common as C  # noqa: E402
+
+MODELS = {"1.3b": dict(hidden=2048, heads=16, ffn=8192), "6.7b": dict(hidden=4096, heads=32, ffn=16384)}
+TINY = dict(hidden=256, heads=4, ffn=512, seq=64, micro_batch=4)  # 256: RHT g=256 divides every reduction
+
+
+def layer_flops(hidden: int, ffn: int, seq: int, tokens: int, tp: int) -> float:
+    """Forward model FLOPs of one layer on one TP rank (causal attention counted once)."""
+    linear = 2.0 * tokens * (4 * hidden * hidden + 2 * hidden * ffn)
+    attention = 2.0 * tokens * seq * hidden
+    return (linear + attention) / tp
+
+
+def layer_arms(arms, te_available: bool, ours_on_te: bool):
+    """The arms plus, with TE, every ours_* arm again on the TE base spec (suffix "@te")."""
+    out = list(arms)
+    if te_available and ours_on_te:
+        out += [dataclasses.replace(a, name=a.name + "@te", label=a.label + " on the TE spec")
+                for a in arms if a.family == "ours"]
+    return out
+
+
+def base_of(arm: C.Arm) -> str:
+    return "te" if arm.needs_te or arm.name.endswith("@te") else "local"
+
+
+def transformer_config(shape: dict, tp: int, device: torch.device, dropout: float):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    gpu = device.type == "cuda"
+    return TransformerConfig(
+        num_layers=1, hidden_size=shape["hidden"], num_attention_heads=shape["heads"], ffn_hidden_size=shape["ffn"],
+        tensor_model_parallel_size=tp, sequence_parallel=False, params_dtype=torch.bfloat16, bf16=True,
+        use_cpu_initialization=not gpu, perform_initialization=True, gradient_accumulation_fusion=False,
+        hidden_dropout=dropout, attention_dropout=dropout, add_bias_linear=True,
+        bias_activation_fusion=gpu, bias_dropout_fusion=gpu, masked_softmax_fusion=False, apply_rope_fusion=False,
+        persist_layer_norm=False)
+
+
+def build(arm: C.Arm, config, device: torch.device):
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+    from megatron.core.transformer.spec_utils import build_module
+
+    te_base = base_of(arm) == "te"
+    if arm.family == "ours":
+        import megatron_mxfp4.megatron as mm
+
+        spec = mm.get_gpt_layer_spec(arm.recipe, transformer_engine=te_base)
+    else:
+        spec = specs.get_gpt_layer_with_transformer_engine_spec() if te_base else specs.get_gpt_layer_local_spec()
+    layer = build_module(spec, config=config, layer_number=1)
+    return layer.to(device)
+
+
+def bench_arm(arm: C.Arm, shape: dict, args, device, tp: int, flush) -> dict:
+    config = transformer_config(shape, tp, device, args.dropout)
+    layer = build(arm, config, device)
+    layer.train()
+    params = [p for p in layer.parameters() if p.requires_grad]
+    s, b, h = shape["seq"], shape["micro_batch"], shape["hidden"]
+    gen = torch.Generator(device=device).manual_seed(2000 + C.rank())
+    # the local spec on the CPU needs an explicit causal mask (megatron builds its default one on CUDA)
+    mask = (torch.triu(torch.ones(s, s, dtype=torch.bool, device=device), 1).view(1, 1, s, s)
+            if device.type == "cpu" and base_of(arm) == "local" else None)
+
+    def make(i):
+        x = torch.randn(s, b, h, device=device, dtype=torch.bfloat16, generator=gen).requires_grad_(True)
+        dy = torch.randn(s, b, h, device=device, dtype=torch.bfloat16, generator=gen) * 1e-3
+        return x, dy
+
+    rot = C.Rotation(make, 1 if device.type == "cpu" else C.rotation_count(2 * s * b * h * 2))
+    ctx = lambda: C.te_autocast(arm)  # noqa: E731
+
+    def fwd(x):
+        with ctx():
+            out, _ = layer(x, attention_mask=mask)
+        return out
+
+    def clear(x):
+        x.grad = None
+        for p in params:
+            p.grad = None
+
+    def bwd_setup(i):
+        x, dy = rot(i)
+        clear(x)
+        return fwd(x), dy
+
+    def fb_setup(i):
+        x, dy = rot(i)
+        clear(x)
+        return x, dy
+
+    def fb_run(st):
+        fwd(st[0]).backward(st[1])
+
+    kw = dict(warmup=args.warmup, iters=args.iters, flush=flush)
+    t_fwd = C.measure(fwd, device, setup=lambda i: rot(i)[0], **kw)
+    t_bwd = C.measure(lambda st: st[0].backward(st[1]), device, setup=bwd_setup, **kw)
+    t_fb = C.measure(fb_run, device, setup=fb_setup, **kw)
+    peak = C.peak_memory(lambda: fb_run(fb_setup(0)), device)
+    f = layer_flops(h, shape["ffn"], s, s * b, tp)
+    row = dict(arm=arm.name, base_spec=base_of(arm), layer_class=type(layer).__name__,
+               fwd=t_fwd.as_dict(), bwd=t_bwd.as_dict(), fwd_bwd=t_fb.as_dict(),
+               tflops_fwd_bwd=3 * f / (t_fb.median * 1e-3) / 1e12, tokens_per_s=s * b / (t_fb.median * 1e-3),
+               peak_mib=None if peak is None else round(peak, 1),
+               mxfp4_linears=sum(1 for m in layer.modules() if getattr(m, "recipe", None) is not None
+                                 and type(m).__name__.startswith("MXFP4")))
+    return row
+
+
+def add_ratios(rows) -> None:
+    by = {r["arm"]: r for r in rows if "error" not in r}
+    for r in rows:
+        if "error" in r:
+            continue
+        ref = "bf16_te" if r["base_spec"] == "te" else C.BF16_REFERENCE
+        for key, base in (("x_bf16", by.get(ref)), ("x_te_fp8", by.get(C.FP8_REFERENCE))):
+            r[key] = None if base is None else {p: round(r[p]["ms"] / base[p]["ms"], 4) for p in ("fwd", "bwd", "fwd_bwd")}
+        r["bf16_reference"] = ref
+
+
+def markdown(result: dict, arms) -> str:
+    info, shape = result["device_info"], result["shape"]
+    lines = [f"# One transformer layer, every arm — {info['device']}", "",
+             f"Command: `{result['command']}`  ",
+             f"torch {info['torch']}" + (f", CUDA {info.get('cuda')}, clocks {info.get('clocks')}" if info.get("cuda") else "")
+             + (f", megatron-core {info['megatron_core']}" if info.get("megatron_core") else "")
+             + f", Transformer Engine: {info.get('transformer_engine') or 'not installed'}; TP={result['tp']}; "
+             f"warm-up {result['warmup']}, {result['iters']} timed iterations (median), L2 flush "
+             f"{'on' if result['flush_l2'] else 'off'}.", "",
+             f"Layer: hidden {shape['hidden']}, {shape['heads']} heads, ffn {shape['ffn']}, seq {shape['seq']} × "
+             f"micro-batch {shape['micro_batch']} (T = {shape['seq'] * shape['micro_batch']}), dropout {result['dropout']}, "
+             "BF16.", ""]
+    for note in result.get("notes", []):
+        lines.append(f"> {note}  ")
+    lines += ["", "Medians in ms; `× BF16` = time ÷ the BF16 arm of the same base spec (column `BF16 ref`); "
+              "`× TE FP8` = time ÷ te_fp8_delayed; TFLOP/s = model FLOPs of forward + backward ÷ time; peak = MiB "
+              "above the inputs at the peak of one forward + backward.", ""]
+    table = []
+    for r in result["rows"]:
+        if "error" in r:
+            table.append([r["arm"], "", f"error: {r['error'][:80]}"] + [""] * 9)
+            continue
+        xb, xf = r.get("x_bf16") or {}, r.get("x_te_fp8") or {}
+        table.append([r["arm"], r["base_spec"], C.fmt(r["fwd"]["ms"]), C.fmt(r["bwd"]["ms"]), C.fmt(r["fwd_bwd"]["ms"]),
+                      C.fmt(r["tflops_fwd_bwd"]), C.fmt(r["tokens_per_s"]), r["bf16_reference"],
+                      C.fmt(xb.get("fwd_bwd")), C.fmt(xb.get("bwd")), C.fmt(xf.get("fwd_bwd")), C.fmt(r["peak_mib"])])
+    lines.append(C.markdown_table(["arm", "base spec", "fwd ms", "bwd ms", "fwd+bwd ms", "TFLOP/s", "tokens/s",
+                                   "BF16 ref", "fwd+bwd × BF16", "bwd × BF16", "fwd+bwd × TE FP8", "peak MiB"], table))
+    lines += ["", "## Arms", "", C.arms_table(arms)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    ap.add_argument("--tiny", action="store_true", help="toy layer (h 256, seq 64 × 4): smoke run of every code path")
+    ap.add_argument("--model", default="6.7b", help="1.3b or 6.7b (default 6.7b)")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--arms", default="all", help="comma-separated name patterns (suffix @te: ours on the TE spec)")
+    ap.add_argument("--gs", default="0,64,256")
+    ap.add_argument("--roundings", default="sr,rtn")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--no-ours-on-te", action="store_true", help="with TE: do not repeat our arms on the TE spec")
+    ap.add_argument("--warmup", type=int, default=None, help="default 5 (tiny 1)")
+    ap.add_argument("--iters", type=int, default=None, help="default 20 (tiny 2)")
+    ap.add_argument("--no-flush", action="store_true")
+    ap.add_argument("--allow-reference", action="store_true")
+    ap.add_argument("--strict", action="store_true", help="stop at the first failing arm (tests)")
+    ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--out", default=None, help="output stem (default bench/results/layer-<device>)")
+    args = ap.parse_args(argv)
+
+    device = C.pick_device(args.device)
+    if device.type == "cpu" and not args.tiny and not args.dry_run:
+        raise SystemExit("bench/layer.py: the CPU runs only the smoke mode; add --tiny (or use --device cuda)")
+    if args.tiny:
+        shape = dict(TINY)
+        args.warmup = 1 if args.warmup is None else args.warmup
+        args.iters = 2 if args.iters is None else args.iters
+        args.dropout = 0.0
+    else:
+        if args.model not in MODELS:
+            raise SystemExit(f"--model {args.model!r}: choose one of {sorted(MODELS)} (or --tiny)")
+        shape = dict(MODELS[args.model], seq=args.seq, micro_batch=args.micro_batch)
+    args.warmup = 5 if args.warmup is None else args.warmup
+    args.iters = 20 if args.iters is None else args.iters
+    backend = "reference" if device.type == "cpu" and args.backend == "auto" else args.backend
+    try:
+        gs = [int(g) for g in args.gs.split(",")]
+    except ValueError:
+        raise SystemExit(f"--gs must be comma-separated integers, got {args.gs!r}")
+    te, te_version = C.transformer_engine()
+    all_arms = layer_arms(C.build_arms(gs, [r.strip() for r in args.roundings.split(",")], backend=backend),
+                          te is not None, not args.no_ours_on_te)
+    arms = C.select_arms(all_arms, args.arms)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.dry_run:
+        print(C.arms_table(arms))
+        print(f"\nlayer {shape}; TP={world}; Transformer Engine: {te_version if te else 'absent: ' + te_version}")
+        return None
+    C.install_cpu_shims()
+    tp = C.init_distributed(device)
+    notes = []
+    if any(a.family == "ours" for a in arms):
+        note = C.check_fast_kernels(device, args.allow_reference)
+        if note:
+            notes.append(note)
+    if te is None and any(a.needs_te for a in arms):
+        msg = f"skipped {', '.join(a.name for a in arms if a.needs_te)}: {te_version}"
+        print(msg, flush=True)
+        notes.append(msg)
+        arms = [a for a in arms if not a.needs_te]
+    flush = C.L2Flush(device, enabled=not args.no_flush)
+    rows = []
+    with C.megatron_parallel(tp, device):
+        for arm in arms:
+            try:
+                row = bench_arm(arm, shape, args, device, tp, flush)
+            except Exception as e:
+                if args.strict:
+                    raise
+                row = dict(arm=arm.name, error=f"{type(e).__name__}: {e}")
+                if C.rank() == 0:
+                    traceback.print_exc()
+            rows.append(row)
+            if C.rank() == 0:
+                if "error" in row:
+                    print(f"{arm.name:30s} ERROR {row['error'][:150]}", flush=True)
+                else:
+                    print(f"{arm.name:30s} fwd {row['fwd']['ms']:8.3f}  bwd {row['bwd']['ms']:8.3f}  fwd+bwd "
+                          f"{row['fwd_bwd']['ms']:8.3f} ms  {row['tflops_fwd_bwd']:7.1f} TFLOP/s", flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    add_ratios(rows)
+    result = dict(command=C.command_line(), device_info=C.device_info(device), tp=tp, shape=shape,
+                  model="tiny" if args.tiny else args.model, dropout=args.dropout, warmup=args.warmup,
+                  iters=args.iters, flush_l2=not args.no_flush, notes=notes, arms=[a.describe() for a in arms],
+                  rows=rows)
+    if C.rank() == 0:
+        md = markdown(result, arms)
+        stem = args.out or C.default_stem(f"layer-{result['model']}" + (f"-tp{tp}" if tp > 1 else ""), device)
+        paths = C.write_results(stem, result, md)
+        print(md)
+        print("wrote " + " and ".join(paths))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    main()
