@@ -91,14 +91,18 @@ def step_arms(gs=(0, 64, 256), roundings=("sr", "rtn")) -> List[StepArm]:
     return arms
 
 
-DEFAULT_ARMS = "bf16_local,bf16_te,te_fp8_delayed,te_fp8_current,ours_fp8_fp8,mxfp4_local,mxfp4_fp8_local,mxfp4_te,mxfp4_fp8_te"
+# run order: the no-TE arms first (they run everywhere), then the TE ones
+DEFAULT_ARMS = ("bf16_local,mxfp4_local,mxfp4_fp8_local,bf16_te,te_fp8_delayed,mxfp4_te,mxfp4_fp8_te,te_fp8_current,"
+                "ours_fp8_fp8")
 
 
 def select(arms: List[StepArm], patterns: str) -> List[StepArm]:
     import fnmatch
 
     pats = [p.strip() for p in (patterns or DEFAULT_ARMS).split(",") if p.strip()]
-    chosen = [a for a in arms if any(fnmatch.fnmatchcase(a.name, p) for p in pats)]
+    chosen = []  # in the order of the patterns (the run order), each pattern's matches in table order
+    for p in pats:
+        chosen += [a for a in arms if fnmatch.fnmatchcase(a.name, p) and a not in chosen]
     unknown = [p for p in pats if not any(fnmatch.fnmatchcase(a.name, p) for a in arms)]
     if unknown:
         raise SystemExit(f"--arms: no arm matches {unknown}; arms are: {', '.join(a.name for a in arms)}")
