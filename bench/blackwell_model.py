@@ -80,11 +80,11 @@ FC1 [h→ffn], FC2 [ffn→h] with F_i = 2·T·in_i·out_i FLOPs per GEMM:
   t_bwd(fp8)     = Σ_i 2·F_i / R_fp8  + Σ_i (4 B · T·out_i + 2 B · in_i·out_i + 2 B · T·in_i) / BW_eff
   t_bwd(mxfp4)   = Σ_i 2·F_i / R_fp4  + Σ_i [q_dual(T×out_i) + q_col(out_i×in_i) + q_col(T×in_i)] / s_q
   t_attn         = 3 · 2·T·s·h / R_bf16          (causal QKᵀ and PV, forward + backward, never quantized)
-  t_head         = 3 · 2·T·h·V / R_bf16          (LM head, never quantized; once per step)
+  t_head         = 3 · 2·T·h·V / R_bf16          (LM head, never quantized)
   t_gemm(arm)    = L · (t_fwd + t_bwd + t_attn) + t_head
   t_other        = f / (1 − f) · t_gemm(BF16)    (non-GEMM work: norms, softmax, GeLU, dropout, optimizer,
                                                    comm; the same in every arm)
-  t_step(arm)    = t_gemm(arm) + t_other
+  t_step(arm)    = t_gemm(arm) + t_other         (per micro-batch; the optimizer step is in t_other)
   speed-up       = t_step(reference) / t_step(arm)
 
 q_mode(shape) = H200-measured quantize time: bytes / (median effective TB/s of that kernel mode, g and
