@@ -10,7 +10,7 @@
 # same machine lease); without it the TE arms are skipped with a line saying so.
 #
 # Results: the JSON + markdown of every script go to bench/results/ in the working copy; when $OUT is
-# set (the GPU machine's return folder, at most 8 files come back) they are also packed into
+# set (a folder that collects the results, kept to a few files) they are also packed into
 # $OUT/bench-results.tgz, the markdown tables are copied to $OUT, and the whole log is $OUT/bench_all.log.
 # Env: QUICK=1 (6.7B FC1 only, SR arms, 10 iterations); DEADLINE (seconds for the whole script,
 # default 570: each stage gets what is left); LINEAR_ARGS / PROFILE_ARGS / LAYER_ARGS (extra flags);
