@@ -149,12 +149,14 @@ def profile_backward(fwd_fn, params, rot, arm, device, iters: int, trace: str = 
     if trace:
         prof.export_chrome_trace(trace)
     events = prof.events()
-    host_ms = [e.time_range.elapsed_us() / 1e3 for e in events if e.name.startswith("backward_")]
+    cpu = torch.autograd.DeviceType.CPU
+    # record_function labels appear as CPU ranges (and, on a GPU, as device-side annotations: not kernels)
+    host_ms = [e.time_range.elapsed_us() / 1e3 for e in events if e.name.startswith("backward_") and e.device_type == cpu]
     launches = sum(1 for e in events if "LaunchKernel" in e.name or "cuLaunch" in e.name)
     kernels = defaultdict(lambda: [0, 0.0])
     if device.type == "cuda":
         for e in events:
-            if e.device_type == torch.autograd.DeviceType.CUDA:
+            if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("backward_"):
                 k = kernels[e.name]
                 k[0] += 1
                 k[1] += e.time_range.elapsed_us()

@@ -362,13 +362,13 @@ def main(argv=None):
                 text = f.read()
             parsed = parse_log(text)
             summary = summarize(parsed, args.skip, seq, tp)
-            row.update(run, **summary, log=os.path.relpath(log_path, C.REPO), recipe_line=parsed["recipe_line"])
-            if run["returncode"] != 0 and summary.get("status") == "ok":
-                row["exit_note"] = f"exit code {run['returncode']} after the timed intervals"
-            elif run["returncode"] != 0:
-                tail = "\n".join(text.strip().splitlines()[-8:])
-                row["status"] = f"failed (exit {run['returncode']}{', timed out' if run['timed_out'] else ''})"
-                row["log_tail"] = tail
+            with lock:
+                row.update(run, **summary, log=os.path.relpath(log_path, C.REPO), recipe_line=parsed["recipe_line"])
+                if run["returncode"] != 0 and summary.get("status") == "ok":
+                    row["exit_note"] = f"exit code {run['returncode']} after the timed intervals"
+                elif run["returncode"] != 0:
+                    row["status"] = f"failed (exit {run['returncode']}{', timed out' if run['timed_out'] else ''})"
+                    row["log_tail"] = "\n".join(text.strip().splitlines()[-8:])
             print(f"[{time.time() - start:6.0f} s] {arm.name}: {row['status']}"
                   + (f", {row['ms_per_iter']:.1f} ms/iter, {row.get('tflops_per_gpu')} TFLOP/s/GPU"
                      if row.get("status") == "ok" else ""), flush=True)
