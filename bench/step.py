@@ -125,10 +125,10 @@ def extra_args(arm: StepArm, cfg: dict, log_interval: int, seed: int) -> List[st
     return ["--seed", str(seed), "--log-memory-interval", str(log_interval)] + cfg["extra"] + arm.extra
 
 
-def launcher_command(env: Dict[str, str], args: List[str]) -> str:
+def launcher_command(env: Dict[str, str], args: List[str], launcher: str = LAUNCHER) -> str:
     """The exact command pretrain_gpt.sh runs for this arm (its DRY_RUN mode)."""
     full = dict(os.environ, **env, DRY_RUN="1")
-    out = subprocess.run(["bash", LAUNCHER] + args, env=full, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(["bash", launcher] + args, env=full, capture_output=True, text=True, timeout=60)
     if out.returncode:
         raise RuntimeError(f"pretrain_gpt.sh DRY_RUN failed ({out.returncode}): {out.stderr.strip()[-500:]}")
     return out.stdout.strip()
@@ -200,13 +200,14 @@ def add_ratios(rows: List[dict]) -> None:
 
 # ------------------------------------------------------------------------------------------- running
 
-def run_arm(arm: StepArm, env: Dict[str, str], args_list: List[str], log_path: str, timeout: float) -> dict:
+def run_arm(arm: StepArm, env: Dict[str, str], args_list: List[str], log_path: str, timeout: float,
+            launcher: str = LAUNCHER) -> dict:
     full = dict(os.environ, **env)
     full["PYTHONPATH"] = C.REPO + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
     t0 = time.time()
     with open(log_path, "w") as log:
         try:
-            p = subprocess.run(["timeout", "--signal=TERM", "--kill-after=15", str(int(timeout)), "bash", LAUNCHER]
+            p = subprocess.run(["timeout", "--signal=TERM", "--kill-after=15", str(int(timeout)), "bash", launcher]
                                + args_list, env=full, cwd=C.REPO, stdout=log, stderr=subprocess.STDOUT)
             rc = p.returncode
         except Exception as e:  # pragma: no cover - launcher missing
@@ -261,6 +262,8 @@ def main(argv=None):
                     help="stop starting new arms when this many seconds have passed (default 540)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--log-dir", default=None)
+    ap.add_argument("--launcher", default=LAUNCHER,
+                    help="launch script honouring pretrain_gpt.sh's variables and DRY_RUN (default configs/pretrain_gpt.sh)")
     ap.add_argument("--dry-run", action="store_true", help="print every arm's command and exit")
     ap.add_argument("--out", default=None, help="output stem (default bench/results/step-<model>-<device>)")
     args = ap.parse_args(argv)
@@ -294,21 +297,22 @@ def main(argv=None):
             status = arm.runnable or ("needs Transformer Engine" if arm.needs_te and te is None else "runnable")
             print(f"{arm.name} [{status}]\n  env: {' '.join(f'{k}={shlex.quote(v)}' for k, v in env.items() if k in ('MODEL', 'ARM', 'TRANSFORMER_IMPL', 'TP', 'MXFP4_ARGS'))}")
             if not arm.runnable:
-                print("  " + launcher_command(env, extra_args(arm, cfg, args.log_interval, args.seed)))
+                print("  " + launcher_command(env, extra_args(arm, cfg, args.log_interval, args.seed), args.launcher))
         return None
     if not slots:
         raise SystemExit(f"bench/step.py: GPT-{args.model} needs {tp} GPU(s) (TP={tp}); found {ngpu}")
     if len(slots) > 1:
         notes.append(f"{len(slots)} arms ran at a time, each on its own {tp} GPU(s) of the same host "
                      f"(slots {slots})")
-    if any(a.launcher_arm.startswith("mxfp4") and not a.runnable for a in arms):
+    if torch.cuda.is_available() and any(a.launcher_arm.startswith("mxfp4") and not a.runnable for a in arms):
         from megatron_mxfp4.ops import cuda_quantize
 
         if not cuda_quantize.is_available():
             raise SystemExit(f"bench/step.py: the MXFP4 arms need the compiled quantizer: {cuda_quantize._LOAD_ERROR}")
     from torch import device as _dev
 
-    stem = args.out or C.default_stem(f"step-{args.model}", _dev("cuda", 0))
+    dev = _dev("cuda", slots[0][0]) if torch.cuda.is_available() else _dev("cpu")
+    stem = args.out or C.default_stem(f"step-{args.model}", dev)
     log_dir = args.log_dir or (stem + "-logs")
     os.makedirs(log_dir, exist_ok=True)
     rows: List[dict] = []
@@ -324,7 +328,7 @@ def main(argv=None):
             queue.append((arm, row))
         rows.append(row)
     seq = SEQ[args.model]
-    result = dict(command=C.command_line(), device_info=C.device_info(_dev("cuda", slots[0][0])), model=args.model,
+    result = dict(command=C.command_line(), device_info=C.device_info(dev), model=args.model,
                   tp=tp, micro_batch=cfg["micro_batch"], global_batch=cfg["global_batch"], seq=seq, iters=iters,
                   log_interval=args.log_interval, skip=args.skip, notes=notes, rows=rows, log_dir=log_dir)
     start = time.time()
@@ -351,13 +355,13 @@ def main(argv=None):
             xargs = extra_args(arm, cfg, args.log_interval, args.seed)
             row["env"] = {k: v for k, v in env.items() if k != "PYTHON"}
             try:
-                row["command"] = launcher_command(env, xargs)
+                row["command"] = launcher_command(env, xargs, args.launcher)
             except Exception as e:
                 row["status"] = f"launcher failed: {e}"
                 continue
             log_path = os.path.join(log_dir, f"{arm.name}.log")
             print(f"[{time.time() - start:6.0f} s] {arm.name} on GPU {slot} ...", flush=True)
-            run = run_arm(arm, env, xargs, log_path, min(args.arm_timeout, left))
+            run = run_arm(arm, env, xargs, log_path, min(args.arm_timeout, left), args.launcher)
             with open(log_path, errors="replace") as f:
                 text = f.read()
             parsed = parse_log(text)

@@ -244,6 +244,47 @@ def test_step_arms_and_dry_run():
     assert p.returncode != 0 and "--skip 10" in p.stderr
 
 
+FAKE_LAUNCHER = r"""#!/usr/bin/env bash
+# stands in for configs/pretrain_gpt.sh: prints Megatron-style log lines (ms/iter depends on the arm)
+if [ "${DRY_RUN:-0}" = 1 ]; then echo "fake-launch ARM=$ARM IMPL=$TRANSFORMER_IMPL GPUS=$CUDA_VISIBLE_DEVICES $*"; exit 0; fi
+[ "$ARM" = mxfp4_fp8 ] && { echo "Traceback: out of memory"; exit 1; }
+case "$ARM" in bf16) ms=400 ;; mxfp4) ms=300 ;; *) ms=350 ;; esac
+echo "> megatron_mxfp4: MXFP4 backward $MXFP4_ARGS"
+for it in 5 10 15 20 25 30; do
+  echo " [t] iteration       $it/      30 | consumed samples: 1 | elapsed time per iteration (ms): $ms.0 | throughput per GPU (TFLOP/s/GPU): 100.0 | global batch size:    16 | lm loss: 5.0E+00 | loss scale: 1.0 | number of skipped iterations:   0 |"
+done
+echo "[Rank 0] (after 30 iterations) memory (MB) | allocated: 1.00 | max allocated: 1234.00 | reserved: 2.00 | max reserved: 2.00"
+"""
+
+
+def test_step_runs_arms_on_slots_with_a_fake_launcher(tmp_path):
+    """The scheduling, logging, parsing and writing of step.py, with a launcher that only prints logs."""
+    launcher = tmp_path / "fake.sh"
+    launcher.write_text(FAKE_LAUNCHER)
+    stem = str(tmp_path / "step")
+    p = _ok(_run("step.py", "--model", "tiny", "--gpus", "0,1", "--launcher", str(launcher), "--out", stem,
+                 "--arms", "bf16_local,mxfp4_local,mxfp4_fp8_local,te_fp8_delayed,ours_fp8_fp8,mxfp4_local_g0_rtn"))
+    res = json.load(open(stem + ".json"))
+    rows = {r["arm"]: r for r in res["rows"]}
+    assert list(rows) == ["bf16_local", "mxfp4_local", "mxfp4_fp8_local", "te_fp8_delayed", "ours_fp8_fp8",
+                          "mxfp4_local_g0_rtn"]
+    assert rows["bf16_local"]["status"] == "ok" and rows["bf16_local"]["ms_per_iter"] == 400.0
+    assert rows["mxfp4_local"]["x_bf16"] == 0.75 and rows["mxfp4_local"]["peak_allocated_mib"] == 1234.0
+    assert rows["mxfp4_local"]["tokens_per_s"] == pytest.approx(16 * 512 / 0.3)
+    assert rows["mxfp4_local_g0_rtn"]["recipe_line"].endswith("--mxfp4-rht-block 0 --mxfp4-rounding rtn")
+    assert rows["mxfp4_fp8_local"]["status"].startswith("failed (exit 1") and "out of memory" in rows["mxfp4_fp8_local"]["log_tail"]
+    if res["device_info"]["transformer_engine"] is None:
+        assert rows["te_fp8_delayed"]["status"].startswith("skipped")
+    assert rows["ours_fp8_fp8"]["status"].startswith("not runnable")
+    gpus = {rows[a]["env"]["CUDA_VISIBLE_DEVICES"] for a in ("bf16_local", "mxfp4_local", "mxfp4_local_g0_rtn")}
+    assert gpus == {"0", "1"}  # two slots of one GPU each
+    assert any("2 arms ran at a time" in n for n in res["notes"])
+    md = open(stem + ".md").read()
+    assert "| mxfp4_local | local | 300 |" in md and "fake-launch ARM=mxfp4" in md
+    assert os.path.exists(os.path.join(res["log_dir"], "mxfp4_local.log"))
+    assert "mxfp4_fp8_local: failed" in p.stdout
+
+
 @pytest.mark.skipif(not _megatron(), reason="megatron-core is not installed")
 def test_step_commands_parse_in_megatron():
     """Every runnable arm's command line is accepted by Megatron's parser with the intended flags."""
