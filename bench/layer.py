@@ -251,6 +251,17 @@ def main(argv=None):
         arms = [a for a in arms if not a.needs_te]
     flush = C.L2Flush(device, enabled=not args.no_flush)
     rows = []
+    model = "tiny" if args.tiny else args.model
+    stem = args.out or C.default_stem(f"layer-{model}" + (f"-tp{tp}" if tp > 1 else ""), device)
+    info = C.device_info(device)
+
+    def result_now(partial: bool) -> dict:
+        add_ratios(rows)
+        return dict(command=C.command_line(), device_info=info, tp=tp, shape=shape, model=model,
+                    dropout=args.dropout, warmup=args.warmup, iters=args.iters, flush_l2=not args.no_flush,
+                    notes=notes + (["partial: the run stopped before every arm was measured"] if partial else []),
+                    arms=[a.describe() for a in arms], rows=rows)
+
     with C.megatron_parallel(tp, device):
         for arm in arms:
             try:
@@ -268,16 +279,14 @@ def main(argv=None):
                 else:
                     print(f"{arm.name:30s} fwd {row['fwd']['ms']:8.3f}  bwd {row['bwd']['ms']:8.3f}  fwd+bwd "
                           f"{row['fwd_bwd']['ms']:8.3f} ms  {row['tflops_fwd_bwd']:7.1f} TFLOP/s", flush=True)
+                if len(rows) < len(arms):
+                    partial = result_now(True)
+                    C.write_results(stem, partial, markdown(partial, arms))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    add_ratios(rows)
-    result = dict(command=C.command_line(), device_info=C.device_info(device), tp=tp, shape=shape,
-                  model="tiny" if args.tiny else args.model, dropout=args.dropout, warmup=args.warmup,
-                  iters=args.iters, flush_l2=not args.no_flush, notes=notes, arms=[a.describe() for a in arms],
-                  rows=rows)
+    result = result_now(False)
     if C.rank() == 0:
         md = markdown(result, arms)
-        stem = args.out or C.default_stem(f"layer-{result['model']}" + (f"-tp{tp}" if tp > 1 else ""), device)
         paths = C.write_results(stem, result, md)
         print(md)
         print("wrote " + " and ".join(paths))

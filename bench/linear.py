@@ -433,6 +433,15 @@ def main(argv=None):
         arms = [a for a in arms if not a.needs_te]
     flush = C.L2Flush(device, enabled=not args.no_flush)
     shape_rows = []
+    stem = args.out or C.default_stem("linear" + (f"-tp{tp}" if tp > 1 else ""), device)
+    info = C.device_info(device)
+
+    def result_now(partial: bool) -> dict:
+        return dict(command=C.command_line(), device_info=info, tp=tp, impl=args.impl, warmup=args.warmup,
+                    iters=args.iters, flush_l2=not args.no_flush,
+                    notes=notes + (["partial: the run stopped before every shape was measured"] if partial else []),
+                    arms=[a.describe() for a in arms], shapes=shape_rows, goals=goals(shape_rows))
+
     ctx = C.megatron_parallel(tp, device) if args.impl == "mcore" else contextlib.nullcontext()
     with ctx:
         config = megatron_config(tp, device) if args.impl == "mcore" else None
@@ -459,13 +468,12 @@ def main(argv=None):
                     torch.cuda.empty_cache()
             add_ratios(rows)
             shape_rows.append((shape, rows))
-    result = dict(command=C.command_line(), device_info=C.device_info(device), tp=tp, impl=args.impl,
-                  warmup=args.warmup, iters=args.iters, flush_l2=not args.no_flush, notes=notes,
-                  arms=[a.describe() for a in arms], shapes=shape_rows, goals=goals(shape_rows))
+            if C.rank() == 0 and len(shape_rows) < len(shapes):
+                C.write_results(stem, result_now(True), markdown(dict(result_now(True), arm_objects=arms)))
+    result = result_now(False)
     if C.rank() == 0:
         md = markdown(dict(result, arm_objects=arms))
-        paths = C.write_results(args.out or C.default_stem("linear" + (f"-tp{tp}" if tp > 1 else ""), device),
-                                result, md)
+        paths = C.write_results(stem, result, md)
         print(md)
         print("wrote " + " and ".join(paths))
     if torch.distributed.is_initialized():
