@@ -18,8 +18,8 @@ Arms (pretrain_gpt.sh's ARM and TRANSFORMER_IMPL; `--arms` takes name patterns):
   te_fp8_delayed / te_fp8_current  TE FP8 (hybrid delayed / E4M3 tensorwise current scaling)
   mxfp4_local / mxfp4_te           --mxfp4-backward, BF16 forward (g=64, SR; variants _g0_sr, ...)
   mxfp4_fp8_local / mxfp4_fp8_te   --mxfp4-backward --mxfp4-forward fp8
-TE arms and *_te run only where transformer_engine imports. FP8 forward + FP8 backward (the
-recipe's backward_format "fp8") has no launch flag in the entry point: listed as not runnable.
+  ours_fp8_fp8                     --mxfp4-backward --mxfp4-forward fp8 --mxfp4-backward-format fp8
+TE arms and *_te run only where transformer_engine imports.
 Ratios: "× BF16" against the BF16 arm of the same spec (local / TE); "× TE FP8" against te_fp8_delayed.
 
     python bench/step.py --model 1.3b [--gpus 0,1] [--arms 'bf16_*,mxfp4_*'] [--iters 30] [--time-budget 540]
@@ -78,8 +78,7 @@ def step_arms(gs=(0, 64, 256), roundings=("sr", "rtn")) -> List[StepArm]:
                     extra=["--fp8-format", "hybrid", "--fp8-recipe", "delayed"]),
             StepArm("te_fp8_current", "TE FP8, current scaling (E4M3 tensorwise)", "te_fp8", "transformer_engine"),
             StepArm("ours_fp8_fp8", "ours: FP8 fwd + FP8 bwd", "mxfp4_fp8", "local",
-                    runnable="the entry point has no flag for MXFP4Recipe.backward_format='fp8' (linear.py and "
-                             "layer.py measure this arm)")]
+                    mxfp4_args="--mxfp4-backward-format fp8")]
     for fwd, arm in (("bf16", "mxfp4"), ("fp8", "mxfp4_fp8")):
         for impl, suffix in (("local", "local"), ("transformer_engine", "te")):
             for g in gs:

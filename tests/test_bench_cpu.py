@@ -231,7 +231,7 @@ def test_step_log_parsing_and_ratios():
 def test_step_arms_and_dry_run():
     S = _load("step")
     arms = {a.name: a for a in S.step_arms()}
-    assert arms["ours_fp8_fp8"].runnable and "backward_format" in arms["ours_fp8_fp8"].runnable
+    assert not arms["ours_fp8_fp8"].runnable and arms["ours_fp8_fp8"].mxfp4_args == "--mxfp4-backward-format fp8"
     assert arms["mxfp4_local"].mxfp4_args == "--mxfp4-rht-block 64 --mxfp4-rounding sr"
     assert arms["mxfp4_fp8_te_g256_rtn"].impl == "transformer_engine"
     assert [a.name for a in S.select(list(arms.values()), None)] == S.DEFAULT_ARMS.split(",")
@@ -240,6 +240,7 @@ def test_step_arms_and_dry_run():
     out = _ok(_run("step.py", "--model", "6.7b", "--dry-run", "--arms", "bf16_local,mxfp4_fp8_local,ours_fp8_fp8")).stdout
     assert "--tensor-model-parallel-size 2" in out and "--recompute-activations" in out
     assert "-m megatron_mxfp4.pretrain_gpt" in out and "--mxfp4-forward fp8" in out
+    assert "--mxfp4-backward-format fp8" in out
     p = _run("step.py", "--model", "1.3b", "--dry-run", "--iters", "10", "--skip", "10")
     assert p.returncode != 0 and "--skip 10" in p.stderr
 
@@ -275,7 +276,7 @@ def test_step_runs_arms_on_slots_with_a_fake_launcher(tmp_path):
     assert rows["mxfp4_fp8_local"]["status"].startswith("failed (exit 1") and "out of memory" in rows["mxfp4_fp8_local"]["log_tail"]
     if res["device_info"]["transformer_engine"] is None:
         assert rows["te_fp8_delayed"]["status"].startswith("skipped")
-    assert rows["ours_fp8_fp8"]["status"].startswith("not runnable")
+    assert rows["ours_fp8_fp8"]["env"]["MXFP4_ARGS"] == "--mxfp4-backward-format fp8"
     gpus = {rows[a]["env"]["CUDA_VISIBLE_DEVICES"] for a in ("bf16_local", "mxfp4_local", "mxfp4_local_g0_rtn")}
     assert gpus == {"0", "1"}  # two slots of one GPU each
     assert any("2 arms ran at a time" in n for n in res["notes"])

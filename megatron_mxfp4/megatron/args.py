@@ -13,7 +13,7 @@ from typing import Optional
 from ..numerics.quantize import ROUNDINGS
 from ..numerics.rht import SIGN_POLICIES
 from ..ops.dispatch import BACKENDS
-from ..recipe import FORWARDS, MXFP4Recipe
+from ..recipe import BACKWARD_FORMATS, FORWARDS, MXFP4Recipe
 
 GEMMS = ("dgrad", "wgrad", "both")
 _DEFAULT = MXFP4Recipe()
@@ -67,6 +67,9 @@ def add_mxfp4_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--mxfp4-forward", choices=FORWARDS, default=_DEFAULT.forward,
                    help="forward GEMM precision of the MXFP4 layers: bf16, or fp8 (E4M3, per-tensor current "
                         f"scaling) (default: {_DEFAULT.forward})")
+    g.add_argument("--mxfp4-backward-format", choices=BACKWARD_FORMATS, default=_DEFAULT.backward_format,
+                   help="format of the backward GEMMs: mxfp4, or fp8 (E4M3 current scaling: the FP8 baseline) "
+                        f"(default: {_DEFAULT.backward_format})")
     g.add_argument("--mxfp4-backend", choices=BACKENDS, default=_DEFAULT.backend,
                    help=f"kernel backend (default: {_DEFAULT.backend})")
     g.add_argument("--mxfp4-seed", type=_seed, default=_DEFAULT.seed,
@@ -105,4 +108,5 @@ def recipe_from_args(args) -> Optional[MXFP4Recipe]:
         bf16_first_layers=args.mxfp4_bf16_first_layers,
         bf16_last_layers=args.mxfp4_bf16_last_layers,
         lm_head=bool(args.mxfp4_lm_head),
+        backward_format=args.mxfp4_backward_format,
     )
