@@ -36,6 +36,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from megatron_mxfp4._cpu_shims import install_cpu_shims  # noqa: E402,F401  (used by the bench scripts)
+
 L2_FLUSH_BYTES = 256 << 20  # > 4x the H200's 60 MB L2
 
 # --------------------------------------------------------------------------------------------- timing
@@ -302,29 +304,6 @@ def te_autocast(arm: Arm):
 
 
 # --------------------------------------------------------------------------------------------- distributed
-
-
-class _NoStream:
-    def wait_event(self, *a, **k):
-        pass
-
-    def wait_stream(self, *a, **k):
-        pass
-
-    def record_event(self, *a, **k):
-        return None
-
-    def synchronize(self):
-        pass
-
-
-def install_cpu_shims() -> None:
-    """On a machine without CUDA, let megatron-core's `torch.cuda.current_device()` /
-    `current_stream()` calls resolve to the CPU (a no-op stream). Does nothing where CUDA exists."""
-    if torch.cuda.is_available():
-        return
-    torch.cuda.current_device = lambda: torch.device("cpu")
-    torch.cuda.current_stream = lambda *a, **k: _NoStream()
 
 
 def _free_port() -> int:

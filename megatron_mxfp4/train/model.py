@@ -19,27 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .._cpu_shims import install_cpu_shims
 from .arms import Arm
-
-
-class _NoStream:
-    def wait_event(self, *a, **k):
-        pass
-
-    def wait_stream(self, *a, **k):
-        pass
-
-    def record_event(self, *a, **k):
-        return None
-
-    def synchronize(self):
-        pass
-
-
-def install_cpu_shims() -> None:
-    """What megatron-core 0.19 needs to train on a CPU (see the module docstring)."""
-    torch.cuda.current_device = lambda: torch.device("cpu")
-    torch.cuda.current_stream = lambda *a, **k: _NoStream()
 
 
 def import_megatron():
@@ -86,7 +67,7 @@ def init_distributed(device: str, tp: int, seed: int) -> Dist:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "cpu":
-        install_cpu_shims()
+        install_cpu_shims(force=True)  # --device cpu on a GPU machine too
         dev = torch.device("cpu")
     else:
         torch.cuda.set_device(local_rank)

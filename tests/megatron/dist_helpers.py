@@ -15,26 +15,7 @@ from contextlib import contextmanager
 
 import torch
 
-
-class _NoStream:
-    def wait_event(self, *a, **k):
-        pass
-
-    def wait_stream(self, *a, **k):
-        pass
-
-    def record_event(self, *a, **k):
-        return None
-
-    def synchronize(self):
-        pass
-
-
-def install_cpu_shims() -> None:
-    if torch.cuda.is_available():
-        return
-    torch.cuda.current_device = lambda: torch.device("cpu")
-    torch.cuda.current_stream = lambda *a, **k: _NoStream()
+from megatron_mxfp4._cpu_shims import install_cpu_shims  # noqa: F401  (used by the workers)
 
 
 def init_process_group() -> None:
