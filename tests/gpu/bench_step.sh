@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Full GPT training steps through `python -m megatron_mxfp4.pretrain_gpt`, every arm (issue 7), on a
-# machine with 2 GPUs (kind nvidia-h200-x2):
+# machine with 2 GPUs (e.g. 2× H200):
 #
 #   bash tests/gpu/bench_step.sh 1.3b      GPT-1.3B, TP=1: two arms at a time, one per GPU
 #   bash tests/gpu/bench_step.sh 6.7b      GPT-6.7B, TP=2 over NCCL, distributed optimizer: one arm at a time
