@@ -103,7 +103,7 @@ def dgrad(dy: torch.Tensor, weight: torch.Tensor, recipe: MXFP4Recipe, key: Stre
     if recipe.backward_format == "fp8":
         return fp8_matmul(dy, weight.t().contiguous(), out_dtype=torch.float32)
     check_reduction_dim(dy.shape[1], recipe, "dgrad reduction (output features)")
-    signs = gemm_signs(recipe, key, Gemm.DGRAD, dy.device)
+    signs = qdy.signs if qdy is not None else gemm_signs(recipe, key, Gemm.DGRAD, dy.device)
     a = qdy if qdy is not None else _quantize(dy, recipe, key, Gemm.DGRAD, Operand.GRAD_OUTPUT, signs)
     b = _quantize(weight.t(), recipe, key, Gemm.DGRAD, Operand.WEIGHT, signs)
     out = mxfp4_gemm(a, b, out_dtype=torch.float32, backend=recipe.gemm_backend)
@@ -123,7 +123,7 @@ def wgrad(dy: torch.Tensor, x: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey
         return _accumulate(fp8_matmul(dy.t().contiguous(), x.t().contiguous(), out_dtype=torch.float32),
                            accumulate_into)
     check_reduction_dim(dy.shape[0], recipe, "wgrad reduction (tokens = sequence × micro-batch)")
-    signs = gemm_signs(recipe, key, Gemm.WGRAD, dy.device)
+    signs = qdy.signs if qdy is not None else gemm_signs(recipe, key, Gemm.WGRAD, dy.device)
     a = qdy if qdy is not None else _quantize(dy.t(), recipe, key, Gemm.WGRAD, Operand.GRAD_OUTPUT, signs)
     b = _quantize(x.t(), recipe, key, Gemm.WGRAD, Operand.INPUT, signs)
     if diagnostics.sampling():  # the statistics need dW on its own

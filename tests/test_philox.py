@@ -76,3 +76,14 @@ def test_seed_depends_on_data_parallel_rank():
     seeds = {derive_seed(1234, r) for r in range(64)}
     assert len(seeds) == 64 and all(0 <= s < 2**64 for s in seeds)
     assert derive_seed(1234, 0) == derive_seed(1234, 0)
+
+
+def test_host_and_tensor_paths_give_the_same_words(monkeypatch):
+    """Short streams (RHT signs) are computed with NumPy on the host; long ones with torch ops."""
+    from megatron_mxfp4.numerics import philox
+
+    cases = [(0, 0, 0), (2**64 - 1, 2**64 - 1, 1), (123456789123, 987654321987654, 0)]
+    host = {(c, n): philox.random_words(*c[:2], n, c[2]) for c in cases for n in (1, 5, 64, 256)}
+    monkeypatch.setattr(philox, "HOST_WORDS_MAX", -1)
+    for (c, n), words in host.items():
+        assert torch.equal(words, philox.random_words(*c[:2], n, c[2]))

@@ -13,6 +13,7 @@ All arithmetic is done in int64 with 16-bit limbs so that nothing overflows.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 PHILOX_M0 = 0xD2511F53
@@ -61,16 +62,33 @@ def _check_u64(name: str, value: int) -> int:
     return value
 
 
+#: Streams up to this many words are generated on the host with NumPy (a few hundred µs) and copied:
+#: on a GPU the ~200 tiny element-wise ops of Philox would each be a kernel launch.
+HOST_WORDS_MAX = 1024
+
+
 def random_words(seed: int, offset: int, n: int, domain: int = DOMAIN_DITHER, device=None) -> torch.Tensor:
     """The first `n` 32-bit words (int64 tensor, indices 0..n-1) of the stream (seed, offset, domain)."""
     seed = _check_u64("seed", seed)
     offset = _check_u64("offset", offset)
+    if n <= HOST_WORDS_MAX:
+        return torch.from_numpy(_host_words(seed, offset, n, domain)).to(device)
     blk = torch.arange((n + 3) // 4, dtype=torch.int64, device=device)
     c1 = (blk >> 32) | (domain << 31)
     c2 = torch.full_like(blk, offset & MASK32)
     c3 = torch.full_like(blk, offset >> 32)
     words = philox4x32_10(blk & MASK32, c1, c2, c3, seed & MASK32, seed >> 32)
     return torch.stack(words, dim=-1).flatten()[:n]
+
+
+def _host_words(seed: int, offset: int, n: int, domain: int) -> np.ndarray:
+    """`random_words` computed with NumPy uint64 arrays (the same function, the same bits)."""
+    blk = np.arange((n + 3) // 4, dtype=np.uint64)
+    c1 = (blk >> np.uint64(32)) | np.uint64(domain << 31)
+    c2 = np.full_like(blk, offset & MASK32)
+    c3 = np.full_like(blk, offset >> 32)
+    words = philox4x32_10(blk & np.uint64(MASK32), c1, c2, c3, seed & MASK32, seed >> 32)
+    return np.stack(words, axis=-1).reshape(-1)[:n].astype(np.int64)
 
 
 def uniform_from_words(words: torch.Tensor) -> torch.Tensor:
