@@ -171,7 +171,8 @@ def check_gemm_operands(a: MXFP4Tensor, b: MXFP4Tensor, out_dtype: torch.dtype,
     if a.rht_block != b.rht_block:
         raise ValueError(f"mxfp4_gemm: operands are rotated differently (rht_block {a.rht_block} vs {b.rht_block}); "
                          "the transform would not cancel")
-    if a.rht_block and not torch.equal(a.signs, b.signs):
+    # identity first: torch.equal on a GPU synchronizes the host (the backward passes one signs tensor)
+    if a.rht_block and a.signs is not b.signs and not torch.equal(a.signs, b.signs):
         raise ValueError("mxfp4_gemm: operands use different RHT signs; the transform would not cancel")
     if out_dtype not in _FLOAT_DTYPES:
         raise TypeError(f"mxfp4_gemm: out_dtype must be float32/bfloat16/float16, got {out_dtype}")
