@@ -65,25 +65,16 @@ if triton is not None:
         return tl.where(mag == 0, 0.0, val)
 
     @triton.jit
-    def _to_e4m3_kernel(data_ptr, scale_ptr, codes_ptr, out_scale_ptr, bad_ptr, R, KB, NB, KP,
-                        stride_d, stride_s, mult,
-                        FOLD: tl.constexpr, HAS_MULT: tl.constexpr, BR: tl.constexpr):
-        """One program: BR rows x one 128-column tile (64 packed bytes, 4 scales per row)."""
-        pid_r = tl.program_id(0)
-        pid_t = tl.program_id(1)
-        rows = pid_r * BR + tl.arange(0, BR)
-        rmask = rows < R
-        kb = pid_t * 64 + tl.arange(0, 64)
-        byte = tl.load(data_ptr + rows[:, None] * stride_d + kb[None, :],
-                       mask=rmask[:, None] & (kb < KB)[None, :], other=0).to(tl.int32)
-        blk = pid_t * 4 + tl.arange(0, 4)
-        smask = rmask[:, None] & (blk < NB)[None, :]
-        sb = tl.load(scale_ptr + rows[:, None] * stride_s + blk[None, :], mask=smask, other=127).to(tl.int32)
+    def _tile_scales(nzb, sb, rows, rmask, blk, smask, out_scale_ptr, bad_ptr, pid_t, R, mult,
+                     FOLD: tl.constexpr, HAS_MULT: tl.constexpr, BR: tl.constexpr):
+        """Scales of one 128-column tile of BR rows from their four E8M0 block scales `sb` [BR, 4]
+        (`nzb`: which blocks hold a nonzero code). FOLD: one scale per tile (its largest live block
+        exponent; a row whose blocks span > 8 binades is flagged in `bad_ptr` and zeroed), else one
+        per block. Stores the scales; returns the per-block factor [BR, 4] folded into the codes."""
         isnan = sb == 255
         e = sb - 127
         qnan = tl.full([BR, 4], 0x7FC00000, tl.int32).to(tl.float32, bitcast=True)
         if FOLD:
-            nzb = tl.max(tl.reshape(((byte & 0x77) != 0).to(tl.int32), (BR, 4, 16)), axis=2) > 0
             live = nzb & (~isnan)
             emax = tl.max(tl.where(live, e, -1000), axis=1)
             emin = tl.min(tl.where(live, e, 1000), axis=1)
@@ -106,6 +97,26 @@ if triton is not None:
                 sc = sc * mult
             sc = tl.where(isnan, qnan, sc)
             tl.store(out_scale_ptr + blk[None, :] * R + rows[:, None], sc, mask=smask)
+        return fblk
+
+    @triton.jit
+    def _to_e4m3_kernel(data_ptr, scale_ptr, codes_ptr, out_scale_ptr, bad_ptr, R, KB, NB, KP,
+                        stride_d, stride_s, mult,
+                        FOLD: tl.constexpr, HAS_MULT: tl.constexpr, BR: tl.constexpr):
+        """One program: BR rows x one 128-column tile (64 packed bytes, 4 scales per row)."""
+        pid_r = tl.program_id(0)
+        pid_t = tl.program_id(1)
+        rows = pid_r * BR + tl.arange(0, BR)
+        rmask = rows < R
+        kb = pid_t * 64 + tl.arange(0, 64)
+        byte = tl.load(data_ptr + rows[:, None] * stride_d + kb[None, :],
+                       mask=rmask[:, None] & (kb < KB)[None, :], other=0).to(tl.int32)
+        blk = pid_t * 4 + tl.arange(0, 4)
+        smask = rmask[:, None] & (blk < NB)[None, :]
+        sb = tl.load(scale_ptr + rows[:, None] * stride_s + blk[None, :], mask=smask, other=127).to(tl.int32)
+        nzb = tl.max(tl.reshape(((byte & 0x77) != 0).to(tl.int32), (BR, 4, 16)), axis=2) > 0
+        fblk = _tile_scales(nzb, sb, rows, rmask, blk, smask, out_scale_ptr, bad_ptr, pid_t, R, mult,
+                            FOLD, HAS_MULT, BR)
         lo = tl.reshape(_e2m1(byte & 15), (BR, 4, 16)) * fblk[:, :, None]
         hi = tl.reshape(_e2m1(byte >> 4), (BR, 4, 16)) * fblk[:, :, None]
         v = tl.reshape(tl.join(lo, hi), (BR, 128))
@@ -131,33 +142,9 @@ if triton is not None:
         byte = tl.load(data_ptr + r3 * stride_d + kb3, mask=(r3 < R) & (kb3 < KB), other=0).to(tl.int32)
         smask = rmask[:, None] & (blk < NB)[None, :]
         sb = tl.load(scale_ptr + rows[:, None] * stride_s + blk[None, :], mask=smask, other=127).to(tl.int32)
-        isnan = sb == 255
-        e = sb - 127
-        qnan = tl.full([BR, 4], 0x7FC00000, tl.int32).to(tl.float32, bitcast=True)
-        if FOLD:
-            nzb = tl.max(((byte & 0x77) != 0).to(tl.int32), axis=2) > 0
-            live = nzb & (~isnan)
-            emax = tl.max(tl.where(live, e, -1000), axis=1)
-            emin = tl.min(tl.where(live, e, 1000), axis=1)
-            has = emax > -1000
-            etop = tl.where(has, emax, 0)
-            bad_r = has & ((emax - emin) > 8)
-            d = tl.minimum(tl.maximum(e - etop[:, None], -30), 0)
-            fblk = tl.where((~isnan) & (~bad_r[:, None]), _pow2(d), 0.0)
-            sc = _pow2(etop)
-            if HAS_MULT:
-                sc = sc * mult
-            tnan = tl.max(isnan.to(tl.int32), axis=1) > 0
-            sc = tl.where(tnan, tl.max(qnan, axis=1), sc)
-            tl.store(out_scale_ptr + pid_t * R + rows, sc, mask=rmask)
-            tl.atomic_max(bad_ptr + pid_t, tl.max(bad_r.to(tl.int32), axis=0))
-        else:
-            fblk = tl.where(isnan, 0.0, 1.0)
-            sc = _pow2(tl.minimum(e, 127))
-            if HAS_MULT:
-                sc = sc * mult
-            sc = tl.where(isnan, qnan, sc)
-            tl.store(out_scale_ptr + blk[None, :] * R + rows[:, None], sc, mask=smask)
+        nzb = tl.max(((byte & 0x77) != 0).to(tl.int32), axis=2) > 0
+        fblk = _tile_scales(nzb, sb, rows, rmask, blk, smask, out_scale_ptr, bad_ptr, pid_t, R, mult,
+                            FOLD, HAS_MULT, BR)
         lo = _e2m1(byte & 15) * fblk[:, :, None]
         hi = _e2m1(byte >> 4) * fblk[:, :, None]
         lo = tl.where(lo == 0.0, 0.0, lo)
