@@ -57,7 +57,7 @@ $PY -m megatron_mxfp4.train --report-only --out "$RUN" || true
 [ $status = 0 ] && echo "all runs finished"
 if [ -n "${OUT:-}" ]; then
   (cd "$RUN" && find . -maxdepth 2 \( -name metrics.jsonl -o -name done.json -o -name config.json -o -name 'summary.*' \
-     -o -name loss.png -o -name 'gpu*.log' \) -print0 | tar czf "$OUT/convergence.tgz" --null -T -)
+     -o -name loss.png -o -name diagnostics.jsonl -o -name 'gpu*.log' \) -print0 | tar czf "$OUT/convergence.tgz" --null -T -)
   ls -la "$OUT"
 fi
 exit $status

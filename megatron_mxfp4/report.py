@@ -2,7 +2,10 @@
 
     mxfp4-report RUN_DIR [--metric snr] [--out RUN_DIR/diagnostics.png]
 
-Reads `RUN_DIR/diagnostics.jsonl` (or a .jsonl path), as written by `MXFP4Monitor`.
+Reads `RUN_DIR/diagnostics.jsonl` (or a .jsonl path), as written by `MXFP4Monitor`. When the run folder
+also holds the training log `metrics.jsonl` (`mxfp4-train`), it reports the cost of the sampling measured
+in that same run: the extra time of the sampled steps over the median unsampled step, amortized over the
+sampling interval.
 """
 from __future__ import annotations
 
@@ -40,6 +43,32 @@ def summarize(records: List[dict], metric: str = "snr") -> str:
         lines += [f"- step {e['step']}: {e['layer']} {e['gemm']} {e['event']} (SNR {e['snr']:.3g} < "
                   f"{e['threshold']} for {e['patience']} checks)" for e in events]
     return "\n".join(lines)
+
+
+def sampling_overhead(train_records: List[dict], sampled_steps, skip_first: int = 3) -> Dict[str, float]:
+    """Cost of the diagnostics, measured in the run itself.
+
+    `train_records`: the run's per-step records (``kind == "train"``, with ``step`` and ``step_time``);
+    `sampled_steps`: the steps on which the monitor measured. The first `skip_first` steps (warm-up,
+    compilation) are left out of both groups. Returns the median unsampled step time, the mean extra time
+    of a sampled step, the sampling interval (median gap between sampled steps) and the overhead: extra /
+    (interval · median step), the fraction of training time the sampling adds."""
+    import statistics
+
+    sampled = set(sampled_steps)
+    times = {r["step"]: r["step_time"] for r in train_records if r.get("kind", "train") == "train"}
+    plain = [t for s, t in times.items() if s >= skip_first and s not in sampled]
+    hits = sorted(s for s in sampled if s >= skip_first and s in times)
+    if len(plain) < 2 or not hits:
+        raise ValueError(f"need unsampled and sampled steps after step {skip_first}: "
+                         f"{len(plain)} unsampled, {len(hits)} sampled")
+    base = statistics.median(plain)
+    extra = sum(times[s] for s in hits) / len(hits) - base
+    all_sampled = sorted(sampled)
+    gaps = [b - a for a, b in zip(all_sampled, all_sampled[1:])]
+    interval = statistics.median(gaps) if gaps else float(len(times))
+    return {"median_step_s": base, "extra_per_sample_s": extra, "sampled_steps": len(hits),
+            "interval": interval, "overhead": extra / (interval * base)}
 
 
 def heatmap(records: List[dict], out: str, metric: str = "snr") -> str:
@@ -90,6 +119,19 @@ def main(argv=None):
     out = args.out or os.path.join(base, f"diagnostics-{args.metric}.png")
     print(summarize(records, args.metric))
     print(f"heat map: {heatmap(records, out, args.metric)}")
+    metrics = os.path.join(base, "metrics.jsonl")
+    if os.path.exists(metrics):
+        with open(metrics) as f:
+            train = [r for r in map(json.loads, filter(str.strip, f)) if r.get("kind") == "train"]
+        steps = {r["step"] for r in records if "event" not in r}
+        try:
+            o = sampling_overhead(train, steps)
+        except ValueError as e:
+            print(f"sampling overhead: not measurable ({e})")
+        else:
+            print(f"sampling overhead: {100 * o['overhead']:.2f}% of training time (a sampled step takes "
+                  f"{1e3 * o['extra_per_sample_s']:.1f} ms more than the median step of "
+                  f"{1e3 * o['median_step_s']:.1f} ms; {o['sampled_steps']} samples, every {o['interval']:g} steps)")
 
 
 if __name__ == "__main__":

@@ -142,3 +142,32 @@ def test_report_summary_and_heatmap(tmp_path):
     report_main([str(tmp_path)])
     png = tmp_path / "diagnostics-snr.png"
     assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sampling_overhead_from_the_runs_own_step_times():
+    from megatron_mxfp4.report import sampling_overhead
+
+    # 400 steps of 100 ms; the sampled steps 0, 100, 200, 300 take 150 ms (step 0 also pays warm-up).
+    train = [{"kind": "train", "step": s, "step_time": 0.1 + (0.05 if s % 100 == 0 else 0.0) + (1.0 if s == 0 else 0)}
+             for s in range(400)]
+    o = sampling_overhead(train, [0, 100, 200, 300])
+    assert o["sampled_steps"] == 3 and o["interval"] == 100
+    assert o["extra_per_sample_s"] == pytest.approx(0.05)
+    assert o["overhead"] == pytest.approx(0.05 / (100 * 0.1))  # 0.5 %
+    with pytest.raises(ValueError, match="unsampled"):
+        sampling_overhead(train[:2], [0])
+
+
+def test_report_prints_the_overhead_of_a_training_run(tmp_path, capsys):
+    from megatron_mxfp4.report import main as report_main
+
+    pytest.importorskip("matplotlib")
+    mon = MXFP4Monitor(interval=10, jsonl_path=str(tmp_path / "diagnostics.jsonl"))
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for step in range(40):
+            if mon.sampling:
+                mon.record("decoder.layers.0.mlp.linear_fc1", "wgrad", dict(snr=5.0))
+            mon.end_step()
+            f.write(json.dumps({"kind": "train", "step": step, "step_time": 0.2 if step % 10 == 0 else 0.1}) + "\n")
+    report_main([str(tmp_path)])
+    assert "sampling overhead: 10.00% of training time" in capsys.readouterr().out
