@@ -7,7 +7,9 @@
 #   bash bench/convergence.sh [LIMIT_SECONDS]        (default 540)
 #
 # Environment: ARMS, SEEDS, PRESET (small), DATA (.study/wiki), RUN (runs/convergence), IMPL (local),
-# EXTRA (more mxfp4-train flags, e.g. "--steps 400"). Carried wheels in .whl/ are installed first.
+# EXTRA (more mxfp4-train flags, e.g. "--steps 400"), PER_GPU (processes per GPU, default 1: a small
+# model's MXFP4 arms leave a GPU idle while the host launches kernels, so two processes share it well).
+# Carried wheels in .whl/ are installed first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 t0=$(date +%s)
@@ -38,19 +40,20 @@ NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
 mkdir -p "$RUN"
 left=$((LIMIT - ($(date +%s) - t0) - 30))   # 30 s for the report and the archive
 [ "$left" -gt 60 ] || { echo "too little time left ($left s)"; exit 1; }
-echo "== training on $NGPU GPU(s), at most $left s: arms $ARMS, seeds $SEEDS, preset $PRESET"
+NPROC=$((NGPU * ${PER_GPU:-1}))
+echo "== training on $NGPU GPU(s), $NPROC process(es), at most $left s: arms $ARMS, seeds $SEEDS, preset $PRESET"
 pids=()
-for i in $(seq 0 $((NGPU - 1))); do
-  CUDA_VISIBLE_DEVICES=$i $PY -m megatron_mxfp4.train --preset "$PRESET" --data-path "$DATA" --arms "$ARMS" \
-    --seeds "$SEEDS" --out "$RUN" --shard "$i/$NGPU" --transformer-impl "$IMPL" --time-limit "$left" \
+for i in $(seq 0 $((NPROC - 1))); do
+  CUDA_VISIBLE_DEVICES=$((i % NGPU)) $PY -m megatron_mxfp4.train --preset "$PRESET" --data-path "$DATA" --arms "$ARMS" \
+    --seeds "$SEEDS" --out "$RUN" --shard "$i/$NPROC" --transformer-impl "$IMPL" --time-limit "$left" \
     --no-progress ${EXTRA:-} > "$RUN/gpu$i.log" 2>&1 &
   pids+=($!)
 done
 status=0
 for i in "${!pids[@]}"; do
   wait "${pids[$i]}"; rc=$?
-  echo "== GPU $i: exit $rc ($( [ $rc = 0 ] && echo finished || { [ $rc = 3 ] && echo 'time limit: call again' || echo FAILED; }))"
-  grep -v -i "warn" "$RUN/gpu$i.log" | tail -n 25
+  echo "== process $i (GPU $((i % NGPU))): exit $rc ($( [ $rc = 0 ] && echo finished || { [ $rc = 3 ] && echo 'time limit: call again' || echo FAILED; }))"
+  grep -v -i "warn" "$RUN/gpu$i.log" | tail -n 6
   [ $rc = 0 ] || status=$rc
 done
 $PY -m megatron_mxfp4.train --report-only --out "$RUN" || true
