@@ -87,3 +87,13 @@ def test_host_and_tensor_paths_give_the_same_words(monkeypatch):
     monkeypatch.setattr(philox, "HOST_WORDS_MAX", -1)
     for (c, n), words in host.items():
         assert torch.equal(words, philox.random_words(*c[:2], n, c[2]))
+
+
+def test_signs_finished_on_the_host_equal_the_device_formula():
+    from megatron_mxfp4.numerics.philox import DOMAIN_SIGNS, HOST_WORDS_MAX, random_signs, random_words
+
+    for n in (32, 64, HOST_WORDS_MAX, HOST_WORDS_MAX + 4):  # both sides of the host/device switch
+        w = random_words(11, 2**40 + 3, n, DOMAIN_SIGNS)
+        s = random_signs(11, 2**40 + 3, n)
+        assert s.dtype == torch.float32 and torch.equal(s, 1.0 - 2.0 * (w >> 31).to(torch.float32))
+        assert 0 < int((s < 0).sum()) < n

@@ -72,13 +72,23 @@ def random_words(seed: int, offset: int, n: int, domain: int = DOMAIN_DITHER, de
     seed = _check_u64("seed", seed)
     offset = _check_u64("offset", offset)
     if n <= HOST_WORDS_MAX:
-        return torch.from_numpy(_host_words(seed, offset, n, domain)).to(device)
+        return _from_host(_host_words(seed, offset, n, domain), device)
     blk = torch.arange((n + 3) // 4, dtype=torch.int64, device=device)
     c1 = (blk >> 32) | (domain << 31)
     c2 = torch.full_like(blk, offset & MASK32)
     c3 = torch.full_like(blk, offset >> 32)
     words = philox4x32_10(blk & MASK32, c1, c2, c3, seed & MASK32, seed >> 32)
     return torch.stack(words, dim=-1).flatten()[:n]
+
+
+def _from_host(arr: np.ndarray, device) -> torch.Tensor:
+    """A host array as a tensor on `device`. To a GPU through pinned memory and without blocking: a copy
+    from pageable memory first waits for everything queued on the stream, which would stall the host
+    once per RHT draw in every backward."""
+    t = torch.from_numpy(arr)
+    if device is None or torch.device(device).type != "cuda":
+        return t if device is None else t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _host_words(seed: int, offset: int, n: int, domain: int) -> np.ndarray:
@@ -106,5 +116,8 @@ def uniform(seed: int, offset: int, shape, device=None) -> torch.Tensor:
 
 def random_signs(seed: int, offset: int, n: int, device=None) -> torch.Tensor:
     """n float32 Rademacher signs from the sign stream: word j's top bit set gives -1."""
+    if n <= HOST_WORDS_MAX:  # finished on the host: one copy, no element-wise launches
+        w = _host_words(_check_u64("seed", seed), _check_u64("offset", offset), n, DOMAIN_SIGNS)
+        return _from_host((1 - 2 * (w >> 31)).astype(np.float32), device)
     words = random_words(seed, offset, n, DOMAIN_SIGNS, device)
     return 1.0 - 2.0 * (words >> 31).to(torch.float32)
