@@ -84,7 +84,9 @@ def build(arm: C.Arm, config, device: torch.device):
     else:
         spec = specs.get_gpt_layer_with_transformer_engine_spec() if te_base else specs.get_gpt_layer_local_spec()
     layer = build_module(spec, config=config, layer_number=1)
-    return layer.to(device)
+    # As Megatron's Float16Module does for a model: every floating parameter in BF16 (without apex, the
+    # local spec's LayerNorm is torch's, created in float32, which CUDA's layer_norm rejects beside BF16 input).
+    return layer.to(device=device, dtype=torch.bfloat16)
 
 
 def bench_arm(arm: C.Arm, shape: dict, args, device, tp: int, flush) -> dict:
