@@ -82,9 +82,12 @@ def heatmap(records: List[dict], out: str, metric: str = "snr") -> str:
     gemms = sorted({r["gemm"] for r in rows})
     layers = sorted({r["layer"] for r in rows}, key=_natural)
     steps = sorted({r["step"] for r in rows})
-    fig, axes = plt.subplots(1, len(gemms), figsize=(4 + 0.15 * len(steps) * len(gemms), 1 + 0.3 * len(layers)),
-                             squeeze=False)
-    for ax, gemm in zip(axes[0], gemms):
+    prefix = os.path.commonprefix(layers) if len(layers) > 1 else ""
+    prefix = prefix[:prefix.rfind(".") + 1]  # cut at a dot: "decoder.layers." -> labels "0.mlp.linear_fc1"
+    panel_w = max(3.0, 0.3 * len(steps))
+    fig, axes = plt.subplots(1, len(gemms), figsize=(2.5 + panel_w * len(gemms), 1.5 + 0.2 * len(layers)),
+                             squeeze=False, sharey=True)
+    for k, (ax, gemm) in enumerate(zip(axes[0], gemms)):
         grid = [[math.nan] * len(steps) for _ in layers]
         for r in rows:
             if r["gemm"] == gemm:
@@ -92,7 +95,10 @@ def heatmap(records: List[dict], out: str, metric: str = "snr") -> str:
                 grid[layers.index(r["layer"])][steps.index(r["step"])] = math.log10(v) if v > 0 else math.nan
         im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
         ax.set_title(f"{gemm}: log10 {metric}")
-        ax.set_yticks(range(len(layers)), layers, fontsize=6)
+        if k == 0:
+            ax.set_yticks(range(len(layers)), [n[len(prefix):] for n in layers], fontsize=7)
+            if prefix:
+                ax.set_ylabel(prefix.rstrip("."))
         ticks = list(range(0, len(steps), max(1, len(steps) // 8)))
         ax.set_xticks(ticks, [steps[i] for i in ticks])
         ax.set_xlabel("step")
