@@ -6,7 +6,10 @@ same operands along the same dimensions (DESIGN §3):
   dgrad  dX [T, in]  = dY [T, out] · W [out, in]   reduction over out:  a = dY,   b = Wᵀ
   wgrad  dW [out, in] = dYᵀ [out, T] · X [T, in]   reduction over T:    a = dYᵀ,  b = Xᵀ
 
-Each GEMM draws its own RHT signs, shared by its two operands; every operand its own dither.
+Each GEMM draws its own RHT signs, shared by its two operands; every operand its own dither. With the
+`per_call` sign policy a GEMM's signs are the sign-domain words at its dY operand's offset, so the dual
+quantizer of dY draws them itself (on a GPU, inside the kernel: no host work, no copy) and hands them on
+to the W and X quantizers.
 """
 from __future__ import annotations
 
@@ -59,8 +62,16 @@ def gemm_signs(recipe: MXFP4Recipe, key: StreamKey, gemm: Gemm, device) -> Optio
         return None
     if recipe.sign_policy == "deterministic":
         return torch.ones(g, dtype=torch.float32, device=device)
-    call = key.call if recipe.sign_policy == "per_call" else 0
-    return draw_signs(g, key.seed, stream_offset(key.layer, call, gemm, Operand.SIGNS), device)
+    if recipe.sign_policy == "per_call":  # what the dY quantizer draws itself when given no signs
+        return draw_signs(g, key.seed, key.offset(gemm, Operand.GRAD_OUTPUT), device)
+    return draw_signs(g, key.seed, stream_offset(key.layer, 0, gemm, Operand.SIGNS), device)  # per_layer
+
+
+def _dual_signs(recipe: MXFP4Recipe, key: StreamKey, gemm: Gemm, device) -> Optional[torch.Tensor]:
+    """The signs to hand the dual dY quantizer: None when it draws exactly `gemm_signs` itself."""
+    if recipe.sign_policy == "per_call" and recipe.effective_rht_block:
+        return None
+    return gemm_signs(recipe, key, gemm, device)
 
 
 def _quantize(t: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey, gemm: Gemm, operand: Operand, signs):
@@ -77,7 +88,7 @@ def quantize_grad_output(dy: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey):
     check_reduction_dim(dy.shape[0], recipe, "wgrad reduction (tokens = sequence × micro-batch)")
     return quantize_mxfp4_dual(
         dy, rounding=recipe.rounding, rht_block=recipe.effective_rht_block,
-        signs_row=gemm_signs(recipe, key, Gemm.DGRAD, dy.device), signs_col=gemm_signs(recipe, key, Gemm.WGRAD, dy.device),
+        signs_row=_dual_signs(recipe, key, Gemm.DGRAD, dy.device), signs_col=_dual_signs(recipe, key, Gemm.WGRAD, dy.device),
         seed=key.seed, offset_row=key.offset(Gemm.DGRAD, Operand.GRAD_OUTPUT),
         offset_col=key.offset(Gemm.WGRAD, Operand.GRAD_OUTPUT), backend=recipe.quantize_backend,
     )

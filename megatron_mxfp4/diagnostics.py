@@ -26,14 +26,34 @@ from .numerics.rht import apply_rht
 STAT_NAMES = ("rel_err", "cosine", "snr", "clip_frac_a", "clip_frac_b", "zero_frac_a", "zero_frac_b")
 
 
-def gemm_error_stats(exact: torch.Tensor, approx: torch.Tensor) -> Dict[str, float]:
-    """rel_err, cosine and snr of an approximate GEMM output against the exact one (float64 math)."""
+def _error_stats(exact: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
+    """[rel_err, cosine, snr] as a float64 tensor on the operands' device (no host synchronization)."""
     g, q = exact.double().flatten(), approx.double().flatten()
     err = (q - g).norm()
     gn = g.norm()
     cos = (g @ q) / (gn * q.norm()).clamp_min(1e-300)
-    return dict(rel_err=(err / gn.clamp_min(1e-300)).item(), cosine=cos.item(),
-                snr=(gn / err.clamp_min(1e-300)).item())
+    return torch.stack((err / gn.clamp_min(1e-300), cos, gn / err.clamp_min(1e-300)))
+
+
+def _operand_stats(x: torch.Tensor, signs: Optional[torch.Tensor], codes: torch.Tensor) -> torch.Tensor:
+    """[clip_frac, zero_frac] as a float64 tensor on x's device (see `operand_stats`)."""
+    y = x.to(torch.float32)
+    if signs is not None:
+        y = apply_rht(y, signs)
+    blocks = y.reshape(y.shape[0], -1, fmt.BLOCK)
+    finite = torch.isfinite(blocks).all(-1)
+    amax = torch.where(finite.unsqueeze(-1), blocks.abs(), torch.zeros_like(blocks)).amax(-1)
+    scaled_max = amax * fmt.exp2_int(-fmt.shared_exponent(amax))
+    clip = ((scaled_max > fmt.E2M1_MAX) & finite).double().mean()
+    nonzero = y != 0
+    flushed = nonzero & ((codes & 0x7) == 0)
+    zero = flushed.sum().double() / nonzero.sum().clamp_min(1).double()
+    return torch.stack((clip, zero))
+
+
+def gemm_error_stats(exact: torch.Tensor, approx: torch.Tensor) -> Dict[str, float]:
+    """rel_err, cosine and snr of an approximate GEMM output against the exact one (float64 math)."""
+    return dict(zip(("rel_err", "cosine", "snr"), _error_stats(exact, approx).tolist()))
 
 
 def operand_stats(x: torch.Tensor, signs: Optional[torch.Tensor], codes: torch.Tensor) -> Tuple[float, float]:
@@ -42,17 +62,7 @@ def operand_stats(x: torch.Tensor, signs: Optional[torch.Tensor], codes: torch.T
     clip_frac counts blocks whose scaled max lies in (6, 8), i.e. that round-to-nearest without the
     3/4 prescale would clip; zero_frac counts nonzero (rotated) entries whose code is ±0.
     """
-    y = x.to(torch.float32)
-    if signs is not None:
-        y = apply_rht(y, signs)
-    blocks = y.reshape(y.shape[0], -1, fmt.BLOCK)
-    finite = torch.isfinite(blocks).all(-1)
-    amax = torch.where(finite.unsqueeze(-1), blocks.abs(), torch.zeros_like(blocks)).amax(-1)
-    scaled_max = amax * fmt.exp2_int(-fmt.shared_exponent(amax))
-    clip = ((scaled_max > fmt.E2M1_MAX) & finite).double().mean().item()
-    nonzero = y != 0
-    flushed = nonzero & ((codes & 0x7) == 0)
-    zero = (flushed.sum() / nonzero.sum().clamp_min(1)).item()
+    clip, zero = _operand_stats(x, signs, codes).tolist()
     return clip, zero
 
 
@@ -112,8 +122,10 @@ class MXFP4Monitor:
         state = self._guards.get((layer, gemm))
         return state is None or state.switched_at is None
 
-    def record(self, layer: str, gemm: str, stats: Dict[str, float]) -> None:
-        """Keep the statistics of one GEMM of one layer for this step (the first micro-batch wins)."""
+    def record(self, layer: str, gemm: str, stats) -> None:
+        """Keep the statistics of one GEMM of one layer for this step (the first micro-batch wins):
+        a dict {name: float} (names of STAT_NAMES; missing ones are NaN) or a float64 tensor of
+        len(STAT_NAMES) values, which may stay on the GPU until `end_step`."""
         self._pending.setdefault((layer, gemm), stats)
 
     # --- called by the training loop ----------------------------------------------------------
@@ -135,9 +147,12 @@ class MXFP4Monitor:
         records = []
         if self._pending:
             keys = sorted(self._pending)
-            vals = torch.tensor([[self._pending[k].get(s, float("nan")) for s in STAT_NAMES] for k in keys],
-                                dtype=torch.float64)
-            vals = self._mean_over_ranks(vals)
+            rows = [self._pending[k] for k in keys]
+            dev = next((r.device for r in rows if isinstance(r, torch.Tensor)), torch.device("cpu"))
+            vals = torch.stack([r.to(dev, torch.float64) if isinstance(r, torch.Tensor) else
+                                torch.tensor([r.get(s, float("nan")) for s in STAT_NAMES], dtype=torch.float64,
+                                             device=dev) for r in rows])
+            vals = self._mean_over_ranks(vals).cpu()  # the step's one device-to-host copy
             for (layer, gemm), row in zip(keys, vals.tolist()):
                 rec = dict(step=self.step, layer=layer, gemm=gemm, **dict(zip(STAT_NAMES, row)))
                 records.append(rec)
@@ -173,9 +188,9 @@ class MXFP4Monitor:
         if not (dist.is_available() and dist.is_initialized()):
             return vals
         backend = dist.get_backend(self.group)
-        t = vals.to("cuda") if backend == "nccl" else vals
+        t = vals.to("cuda" if backend == "nccl" else "cpu")
         dist.all_reduce(t, group=self.group)
-        return (t / dist.get_world_size(self.group)).cpu()
+        return t / dist.get_world_size(self.group)
 
 
 _active: Optional[MXFP4Monitor] = None
@@ -210,7 +225,6 @@ def measure_gemm(layer: str, gemm: str, exact_fn, approx: torch.Tensor, a: torch
     """
     if _active is None or not layer or not _active.sampling:
         return
-    stats = gemm_error_stats(exact_fn(), approx)
-    stats["clip_frac_a"], stats["zero_frac_a"] = operand_stats(a, signs, qa.codes())
-    stats["clip_frac_b"], stats["zero_frac_b"] = operand_stats(b, signs, qb.codes())
-    _active.record(layer, gemm, stats)
+    sa, sb = _operand_stats(a, signs, qa.codes()), _operand_stats(b, signs, qb.codes())
+    # in STAT_NAMES order, kept on the device: the host reads all GEMMs' statistics once, at end_step
+    _active.record(layer, gemm, torch.cat((_error_stats(exact_fn(), approx), sa[:1], sb[:1], sa[1:], sb[1:])))

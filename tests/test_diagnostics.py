@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from megatron_mxfp4 import quantize_mxfp4
+from megatron_mxfp4 import mxfp4_gemm, quantize_mxfp4
 from megatron_mxfp4.diagnostics import MXFP4Monitor, gemm_error_stats, operand_stats
 
 
@@ -171,3 +171,28 @@ def test_report_prints_the_overhead_of_a_training_run(tmp_path, capsys):
             f.write(json.dumps({"kind": "train", "step": step, "step_time": 0.2 if step % 10 == 0 else 0.1}) + "\n")
     report_main([str(tmp_path)])
     assert "sampling overhead: 10.00% of training time" in capsys.readouterr().out
+
+
+def test_measure_gemm_records_every_statistic_under_its_name():
+    from megatron_mxfp4 import diagnostics
+
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(64, 128, generator=g), torch.randn(32, 128, generator=g)
+    a[0, :32] *= 100  # a block that clips without the prescale, and small entries that flush
+    signs = torch.where(torch.rand(64, generator=g) < 0.5, -1.0, 1.0)
+    qa = quantize_mxfp4(a, rounding="sr", rht_block=64, signs=signs, seed=1, offset=1)
+    qb = quantize_mxfp4(b, rounding="sr", rht_block=64, signs=signs, seed=1, offset=2)
+    approx = mxfp4_gemm(qa, qb)
+    mon = MXFP4Monitor(interval=1)
+    diagnostics.set_active_monitor(mon)
+    try:
+        diagnostics.measure_gemm("l0", "dgrad", lambda: a @ b.t(), approx, a, qa, b, qb, signs)
+    finally:
+        diagnostics.set_active_monitor(None)
+    (rec,) = mon.end_step()
+    want = gemm_error_stats(a @ b.t(), approx)
+    want["clip_frac_a"], want["zero_frac_a"] = operand_stats(a, signs, qa.codes())
+    want["clip_frac_b"], want["zero_frac_b"] = operand_stats(b, signs, qb.codes())
+    assert want["clip_frac_a"] > 0 and want["zero_frac_a"] > 0 and want["clip_frac_a"] != want["clip_frac_b"]
+    for name, value in want.items():
+        assert rec[name] == pytest.approx(value, rel=1e-12), name

@@ -65,7 +65,7 @@ def test_sr_rht_backward_reproduces_its_stream():
 
     def q(t, gemm, op):
         signs = quantize_mxfp4(torch.zeros(1, 64), rht_block=64, seed=key.seed,
-                               offset=key.offset(gemm, Operand.SIGNS)).signs
+                               offset=key.offset(gemm, Operand.GRAD_OUTPUT)).signs  # per_call: dY's offset
         return quantize_mxfp4(t, rounding="sr", rht_block=64, signs=signs, seed=key.seed, offset=key.offset(gemm, op))
 
     assert torch.equal(dx, mxfp4_gemm(q(dy, Gemm.DGRAD, Operand.GRAD_OUTPUT), q(w.t(), Gemm.DGRAD, Operand.WEIGHT)))

@@ -8,7 +8,10 @@ decorrelated, tensor-parallel ranks identical); the 64-bit offset packs
     bits  7..4   GEMM          (dgrad / wgrad)
     bits  3..0   operand       (signs / dY / W / X)
 
-so that no two operands of any GEMM of any layer in any call share bits.
+so that no two operands of any GEMM of any layer in any call share bits. The RHT signs live in Philox's
+sign domain (a counter bit), apart from every dither: `per_call` signs of a GEMM are the sign-domain words
+at its dY operand's offset (what the dual dY kernel draws), `per_layer` signs those at the SIGNS slot of
+call 0.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ class Gemm(enum.IntEnum):
 
 
 class Operand(enum.IntEnum):
-    SIGNS = 0  # the RHT signs shared by both operands of the GEMM
+    SIGNS = 0  # the RHT signs of the per_layer policy (call 0); per_call signs use dY's offset (sign domain)
     GRAD_OUTPUT = 1  # dY
     WEIGHT = 2  # W (dgrad)
     INPUT = 3  # X (wgrad)
