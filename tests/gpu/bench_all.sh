@@ -7,7 +7,7 @@
 # Before the benchmarks: builds the CUDA extension in place when it does not import yet (as
 # tests/gpu/run.sh), and installs carried wheels from .whl/ (megatron-core) into /tmp/site when
 # megatron.core does not import. Transformer Engine is used when it imports (install it first, in the
-# same machine lease); without it the TE arms are skipped with a line saying so.
+# same machine, before this script); without it the TE arms are skipped with a line saying so.
 #
 # Results: the JSON + markdown of every script go to bench/results/ in the working copy; when $OUT is
 # set (a folder that collects the results, kept to a few files) they are also packed into
