@@ -13,6 +13,7 @@ to the W and X quantizers.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -64,7 +65,13 @@ def gemm_signs(recipe: MXFP4Recipe, key: StreamKey, gemm: Gemm, device) -> Optio
         return torch.ones(g, dtype=torch.float32, device=device)
     if recipe.sign_policy == "per_call":  # what the dY quantizer draws itself when given no signs
         return draw_signs(g, key.seed, key.offset(gemm, Operand.GRAD_OUTPUT), device)
-    return draw_signs(g, key.seed, stream_offset(key.layer, 0, gemm, Operand.SIGNS), device)  # per_layer
+    return _per_layer_signs(g, key.seed, stream_offset(key.layer, 0, gemm, Operand.SIGNS), torch.device(device))
+
+
+@functools.lru_cache(maxsize=4096)
+def _per_layer_signs(g: int, seed: int, offset: int, device: torch.device) -> torch.Tensor:
+    """`per_layer` signs never change during a run: drawn once per (layer, GEMM, device), then reused."""
+    return draw_signs(g, seed, offset, device)
 
 
 def _dual_signs(recipe: MXFP4Recipe, key: StreamKey, gemm: Gemm, device) -> Optional[torch.Tensor]:
@@ -108,7 +115,7 @@ def dgrad(dy: torch.Tensor, weight: torch.Tensor, recipe: MXFP4Recipe, key: Stre
           qdy: Optional[MXFP4Tensor] = None) -> torch.Tensor:
     """dX = dY · W (float32) with both operands in MXFP4 along out. dy [T, out], weight [out, in].
     `qdy`: dY already quantized (`grad_output_operands`)."""
-    exact = lambda: dy.float() @ weight.float()  # noqa: E731
+    exact = lambda: diagnostics.exact_product(dy, weight)  # noqa: E731
     if not diagnostics.gemm_quantized(key.name, "dgrad"):
         return exact()
     if recipe.backward_format == "fp8":
@@ -127,7 +134,7 @@ def wgrad(dy: torch.Tensor, x: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey
     """dW = dYᵀ · X (float32) with both operands in MXFP4 along tokens. dy [T, out], x [T, in].
     `qdy`: dYᵀ already quantized (`grad_output_operands`). `accumulate_into`: a float32 [out, in]
     tensor (Megatron's `main_grad`) that dW is added to in place by the GEMM's epilogue, and returned."""
-    exact = lambda: dy.t().float() @ x.float()  # noqa: E731
+    exact = lambda: diagnostics.exact_product(dy.t(), x)  # noqa: E731
     if not diagnostics.gemm_quantized(key.name, "wgrad"):
         return _accumulate(exact(), accumulate_into)
     if recipe.backward_format == "fp8":

@@ -196,3 +196,30 @@ def test_measure_gemm_records_every_statistic_under_its_name():
     assert want["clip_frac_a"] > 0 and want["zero_frac_a"] > 0 and want["clip_frac_a"] != want["clip_frac_b"]
     for name, value in want.items():
         assert rec[name] == pytest.approx(value, rel=1e-12), name
+
+
+def test_operand_fractions_on_strided_rows_estimate_the_whole_operand(monkeypatch):
+    from megatron_mxfp4 import diagnostics
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4096, 256, generator=g) * torch.rand(4096, 1, generator=g)  # rows of different scale
+    x[:, ::7] *= 40  # outlier columns: blocks near the clipping range, small entries flushed
+    signs = torch.where(torch.rand(64, generator=g) < 0.5, -1.0, 1.0)
+    q = quantize_mxfp4(x, rounding="sr", rht_block=64, signs=signs, seed=2, offset=9)
+    full = operand_stats(x, signs, q.codes())
+    monkeypatch.setattr(diagnostics, "OPERAND_STAT_ROWS", 512)
+    xs, cs = diagnostics._strided_rows(x, q)
+    assert xs.shape[0] == 512 and torch.equal(cs, q.codes()[::8])
+    est = diagnostics._operand_stats(xs, signs, cs).tolist()
+    assert full[0] > 0.01 and full[1] > 0.01
+    # 512 of 4096 rows, 8 blocks each: a binomial fraction over 4096 blocks, 5 standard errors apart at most
+    for f, e in zip(full, est):
+        assert abs(e - f) <= 5 * (f * (1 - f) / 4096) ** 0.5 + 1e-12
+
+
+def test_exact_product_is_the_float32_product_on_cpu():
+    from megatron_mxfp4.diagnostics import exact_product
+
+    a = torch.randn(64, 96).bfloat16()
+    b = torch.randn(96, 32).bfloat16()
+    assert torch.equal(exact_product(a, b), a.float() @ b.float())
