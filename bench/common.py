@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, List, Optional, Sequence
@@ -329,6 +330,28 @@ def init_distributed(device: torch.device) -> int:
 
 def rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def run_arm(arm: Arm, strict: bool, fn: Callable[[], dict]) -> dict:
+    """fn()'s result row, or an error row for `arm` when it raises (re-raised when `strict`; the
+    traceback printed on rank 0), so that one failing arm does not end a benchmark."""
+    try:
+        return fn()
+    except Exception as e:
+        if strict:
+            raise
+        if rank() == 0:
+            traceback.print_exc()
+        return dict(arm=arm.name, error=f"{type(e).__name__}: {e}")
+
+
+def print_row(prefix: str, row: dict) -> None:
+    """One progress line per benchmarked arm (rank 0 prints)."""
+    if "error" in row:
+        print(f"{prefix} ERROR {row['error'][:150]}", flush=True)
+    else:
+        print(f"{prefix} fwd {row['fwd']['ms']:8.3f}  bwd {row['bwd']['ms']:8.3f}  fwd+bwd {row['fwd_bwd']['ms']:8.3f} ms"
+              f"  {row['tflops_fwd_bwd']:7.1f} TFLOP/s", flush=True)
 
 
 @contextlib.contextmanager

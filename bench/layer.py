@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import os
 import sys
-import traceback
 
 import torch
 
@@ -266,21 +265,10 @@ def main(argv=None):
 
     with C.megatron_parallel(tp, device):
         for arm in arms:
-            try:
-                row = bench_arm(arm, shape, args, device, tp, flush)
-            except Exception as e:
-                if args.strict:
-                    raise
-                row = dict(arm=arm.name, error=f"{type(e).__name__}: {e}")
-                if C.rank() == 0:
-                    traceback.print_exc()
+            row = C.run_arm(arm, args.strict, lambda: bench_arm(arm, shape, args, device, tp, flush))
             rows.append(row)
             if C.rank() == 0:
-                if "error" in row:
-                    print(f"{arm.name:30s} ERROR {row['error'][:150]}", flush=True)
-                else:
-                    print(f"{arm.name:30s} fwd {row['fwd']['ms']:8.3f}  bwd {row['bwd']['ms']:8.3f}  fwd+bwd "
-                          f"{row['fwd_bwd']['ms']:8.3f} ms  {row['tflops_fwd_bwd']:7.1f} TFLOP/s", flush=True)
+                C.print_row(f"{arm.name:30s}", row)
                 if len(rows) < len(arms):
                     partial = result_now(True)
                     C.write_results(stem, partial, markdown(partial, arms))

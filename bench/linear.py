@@ -37,7 +37,6 @@ import contextlib
 import functools
 import os
 import sys
-import traceback
 
 import torch
 
@@ -448,22 +447,15 @@ def main(argv=None):
         for shape in shapes:
             rows = []
             for arm in arms:
-                try:
+                def measured():
                     row = bench_arm(arm, shape, args, device, tp, config, flush)
                     summarize_split(row)
-                except Exception as e:
-                    if args.strict:
-                        raise
-                    row = dict(arm=arm.name, error=f"{type(e).__name__}: {e}")
-                    if C.rank() == 0:
-                        traceback.print_exc()
+                    return row
+
+                row = C.run_arm(arm, args.strict, measured)
                 rows.append(row)
                 if C.rank() == 0:
-                    if "error" in row:
-                        print(f"{shape['layer']:5s} {arm.name:26s} ERROR {row['error'][:150]}", flush=True)
-                    else:
-                        print(f"{shape['layer']:5s} {arm.name:26s} fwd {row['fwd']['ms']:8.3f}  bwd {row['bwd']['ms']:8.3f}"
-                              f"  fwd+bwd {row['fwd_bwd']['ms']:8.3f} ms  {row['tflops_fwd_bwd']:7.1f} TFLOP/s", flush=True)
+                    C.print_row(f"{shape['layer']:5s} {arm.name:26s}", row)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             add_ratios(rows)
