@@ -26,7 +26,7 @@ CXX_FLAGS = ["-O3", "-std=c++17"]
 
 def sources(relative: bool = True) -> list:
     """All translation units of the extension (binding first)."""
-    kernels = sorted(glob.glob(os.path.join(ROOT, "csrc", "mxfp4_quantize*.cu")))
+    kernels = sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cu")))
     files = [os.path.join(ROOT, "csrc", "binding.cpp")] + kernels
     return [os.path.relpath(f, ROOT) for f in files] if relative else files
 

@@ -15,7 +15,9 @@ For one arm (default ours_bf16_mxfp4_g64_sr) and one linear (default GPT-6.7B FC
    `megatron_mxfp4.backward`, the MXFP4 GEMM on pre-quantized operands, and on Hopper the cuBLASLt
    FP8 GEMM alone on operands already in its E4M3-tile layout);
 4. what remains: measured backward − (stand-alone quantize + stand-alone GEMM), and measured
-   backward − (quantize byte floor + GEMM FLOP floor).
+   backward − (quantize byte floor + GEMM FLOP floor);
+5. the host: wall time of the backward call without the profiler, and cProfile's functions by own
+   time (--host-iters).
 
     python bench/profile_backward.py [--arm ours_bf16_mxfp4_g64_sr] [--model 6.7b] [--layer fc1] [--tokens 8192]
     python bench/profile_backward.py --device cpu --tiny      smoke run (CPU ops instead of kernels)
@@ -40,7 +42,7 @@ import linear as L  # noqa: E402
 # (category, pattern on the kernel / op name); first match wins
 CATEGORIES = [
     ("quantize (ours, CUDA)", r"quantize_kernel|mxfp4_quant"),
-    ("E4M3 tile layout (Triton)", r"to_e4m3"),
+    ("E4M3 tile layout", r"to_e4m3|mask_flagged"),
     ("slab fix (Triton)", r"slab_fix"),
     ("exact FP8 GEMM (Triton)", r"fp8_scaled_gemm|dot_scaled"),
     ("GEMM (cuBLAS / cuBLASLt / CUTLASS)", r"gemm|sm90_xmma|nvjet|cutlass|xmma|Kernel2|cublas|aten::mm|aten::matmul|aten::addmm|_scaled_mm"),
@@ -181,6 +183,50 @@ def profile_backward(fwd_fn, params, rot, arm, device, iters: int, trace: str = 
                 categories=dict(sorted(cats.items(), key=lambda kv: -kv[1]["us_per_bwd"])), kernels=rows)
 
 
+def host_profile(fwd_fn, params, rot, arm, device, iters: int, top: int = 20) -> dict:
+    """Host (Python + launch) time of the backward call, without the torch profiler: the wall time of
+    each `backward()` call (the GPU finishes asynchronously; synchronized before each call so that a
+    full launch queue never blocks it), then cProfile over the same calls: functions by own time."""
+    import cProfile
+    import pstats
+    import time
+
+    def setup(i):
+        x, dy = rot(i)
+        x.grad = None
+        for p in params:
+            p.grad = None
+        with C.te_autocast(arm):
+            y = fwd_fn(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return y, dy
+
+    wall = []
+    for i in range(iters):
+        y, dy = setup(i)
+        t0 = time.perf_counter()
+        y.backward(dy)
+        wall.append((time.perf_counter() - t0) * 1e3)
+    prof = cProfile.Profile()
+    for i in range(iters):
+        y, dy = setup(i)
+        prof.enable()
+        y.backward(dy)
+        prof.disable()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    st = pstats.Stats(prof)
+    rows = []
+    for (file, line, fn), (cc, nc, tt, ct, _) in st.stats.items():
+        where = f"{os.path.basename(file)}:{line}" if line else file
+        rows.append({"function": f"{fn} ({where})", "calls_per_bwd": nc / iters, "own_us_per_bwd": tt / iters * 1e6,
+                     "cum_us_per_bwd": ct / iters * 1e6})
+    rows.sort(key=lambda r: -r["own_us_per_bwd"])
+    wall.sort()
+    return dict(iters=iters, host_ms_median=wall[len(wall) // 2], functions=rows[:top])
+
+
 def run_arm(arm: C.Arm, shape: dict, args, device, config, flush) -> dict:
     fwd_fn, mod = L.build_layer(arm, shape, "mcore", 1, device, config)
     params = [p for p in mod.parameters() if p.requires_grad]
@@ -208,6 +254,8 @@ def run_arm(arm: C.Arm, shape: dict, args, device, config, flush) -> dict:
         trace = os.path.splitext(args.trace)[0] + f"-{arm.name}.json"
     prof = profile_backward(fwd_fn, params, rot, arm, device, args.profile_iters, trace)
     out = dict(arm=arm.name, label=arm.label, measured_bwd=measured.as_dict(), profile=prof)
+    if args.host_iters:
+        out["host"] = host_profile(fwd_fn, params, rot, arm, device, args.host_iters)
     if trace:
         out["trace"] = trace
     if arm.family == "ours" and arm.recipe.backward_format == "mxfp4":
@@ -299,6 +347,14 @@ def markdown(result: dict) -> str:
             s = a["standalone_ms"]
             lines += ["", C.markdown_table(["stand-alone part", "ms"],
                                            [[k, C.fmt(v) if isinstance(v, float) else v] for k, v in s.items()])]
+        h = a.get("host")
+        if h:
+            lines += ["", f"Host time of the backward call without the profiler: **{h['host_ms_median']:.3f} ms** "
+                          f"(median of {h['iters']}); cProfile, functions by own time per backward:", "",
+                      C.markdown_table(["function", "calls / bwd", "own µs / bwd", "cumulative µs / bwd"],
+                                       [[f["function"][:90].replace("|", "/"), C.fmt(f["calls_per_bwd"]),
+                                         C.fmt(f["own_us_per_bwd"]), C.fmt(f["cum_us_per_bwd"])]
+                                        for f in h["functions"]])]
         lines += ["", "By category (heuristic on names):", "",
                   C.markdown_table(["category", "launches / bwd", "ms / bwd", "% of kernel sum"],
                                    [[c, C.fmt(v["count_per_bwd"]), C.fmt(v["us_per_bwd"] / 1e3),
@@ -325,6 +381,8 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--profile-iters", type=int, default=None, help="backwards inside the profile (default 5; tiny 2)")
     ap.add_argument("--top", type=int, default=25, help="kernels listed by name")
+    ap.add_argument("--host-iters", type=int, default=None,
+                    help="backwards timed on the host and under cProfile (default 10; tiny 2; 0: none)")
     ap.add_argument("--no-flush", action="store_true")
     ap.add_argument("--allow-reference", action="store_true")
     ap.add_argument("--trace", default=None, help="write Chrome traces to TRACE-<arm>.json")
@@ -337,6 +395,7 @@ def main(argv=None):
     args.warmup = (1 if tiny else 5) if args.warmup is None else args.warmup
     args.iters = (2 if tiny else 20) if args.iters is None else args.iters
     args.profile_iters = (2 if tiny else 5) if args.profile_iters is None else args.profile_iters
+    args.host_iters = (2 if tiny else 10) if args.host_iters is None else args.host_iters
     backend = "reference" if device.type == "cpu" and args.backend == "auto" else args.backend
     all_arms = {a.name: a for a in C.build_arms(backend=backend)}
     names = [args.arm] + [n for n in args.compare.split(",") if n and n != args.arm]

@@ -1,10 +1,11 @@
-// pybind11 module megatron_mxfp4._mxfp4_cuda: the quantize kernels behind a torch-free interface
+// pybind11 module megatron_mxfp4._mxfp4_cuda: the quantize and E4M3-tile kernels behind a torch-free interface
 // (device pointers and the CUDA stream are passed as integers; the Python side owns the tensors).
 #include <cstdint>
 
 #include <pybind11/pybind11.h>
 
 #include "mxfp4_quantize.h"
+#include "mxfp4_tiles.h"
 
 namespace py = pybind11;
 
@@ -54,6 +55,28 @@ py::tuple tile_shape(int dtype, int rht_block, int mode) {
   return py::make_tuple(tr, tc);
 }
 
+void to_e4m3_tiles(uintptr_t data, int64_t ld_data, uintptr_t scales, int64_t ld_scales, int64_t rows, int64_t k,
+                   uintptr_t codes, uintptr_t tile_scales, uintptr_t flags, float mult, uintptr_t stream) {
+  mxfp4::TileParams p;
+  p.data = ptr<const uint8_t>(data);
+  p.ld_data = ld_data;
+  p.scales = ptr<const uint8_t>(scales);
+  p.ld_scales = ld_scales;
+  p.rows = rows;
+  p.k = k;
+  p.codes = ptr<uint8_t>(codes);
+  p.tile_scales = ptr<float>(tile_scales);
+  p.flags = ptr<int32_t>(flags);
+  p.mult = mult;
+  mxfp4::to_e4m3_tiles(p, reinterpret_cast<cudaStream_t>(stream));
+}
+
+void mask_flagged_slabs(uintptr_t flags_a, uintptr_t flags_b, uintptr_t tile_scales_a, int64_t rows_a, int64_t nt,
+                        uintptr_t stream) {
+  mxfp4::mask_flagged_slabs(ptr<int32_t>(flags_a), ptr<const int32_t>(flags_b), ptr<float>(tile_scales_a), rows_a, nt,
+                            reinterpret_cast<cudaStream_t>(stream));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_mxfp4_cuda, m) {
@@ -72,4 +95,11 @@ PYBIND11_MODULE(_mxfp4_cuda, m) {
         "Launch one quantize kernel on `stream` (all pointers are device addresses as integers; 0 = none).");
   m.def("tile_shape", &tile_shape, py::arg("dtype"), py::arg("rht_block"), py::arg("mode"),
         "(tile_rows, tile_cols) of the kernel for (dtype, rht_block, mode); (0, 0) if there is none.");
+  // positional (no keyword parsing): these run twice per backward GEMM
+  m.def("to_e4m3_tiles", &to_e4m3_tiles, py::call_guard<py::gil_scoped_release>(),
+        "to_e4m3_tiles(data, ld_data, scales, ld_scales, rows, k, codes, tile_scales, flags, mult, stream): "
+        "packed MXFP4 [rows, k] -> E4M3 codes with 1x128 tile scales (csrc/mxfp4_tiles.h).");
+  m.def("mask_flagged_slabs", &mask_flagged_slabs, py::call_guard<py::gil_scoped_release>(),
+        "mask_flagged_slabs(flags_a, flags_b, tile_scales_a, rows_a, nt, stream): flags_a |= flags_b and zero "
+        "A's tile scales on the flagged slabs.");
 }

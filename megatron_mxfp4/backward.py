@@ -112,34 +112,39 @@ def grad_output_operands(dy: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey, 
 
 
 def dgrad(dy: torch.Tensor, weight: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey,
-          qdy: Optional[MXFP4Tensor] = None) -> torch.Tensor:
-    """dX = dY · W (float32) with both operands in MXFP4 along out. dy [T, out], weight [out, in].
-    `qdy`: dY already quantized (`grad_output_operands`)."""
+          qdy: Optional[MXFP4Tensor] = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """dX = dY · W with both operands in MXFP4 along out. dy [T, out], weight [out, in].
+    `qdy`: dY already quantized (`grad_output_operands`). `out_dtype`: written by the GEMM's epilogue
+    (float32 accumulation, one rounding to out_dtype; float32 while diagnostics sample)."""
     exact = lambda: diagnostics.exact_product(dy, weight)  # noqa: E731
     if not diagnostics.gemm_quantized(key.name, "dgrad"):
         return exact()
     if recipe.backward_format == "fp8":
-        return fp8_matmul(dy, weight.t().contiguous(), out_dtype=torch.float32)
+        return fp8_matmul(dy, weight.t().contiguous(), out_dtype=out_dtype)
     check_reduction_dim(dy.shape[1], recipe, "dgrad reduction (output features)")
     signs = qdy.signs if qdy is not None else gemm_signs(recipe, key, Gemm.DGRAD, dy.device)
     a = qdy if qdy is not None else _quantize(dy, recipe, key, Gemm.DGRAD, Operand.GRAD_OUTPUT, signs)
     b = _quantize(weight.t(), recipe, key, Gemm.DGRAD, Operand.WEIGHT, signs)
-    out = mxfp4_gemm(a, b, out_dtype=torch.float32, backend=recipe.gemm_backend)
-    diagnostics.measure_gemm(key.name, "dgrad", exact, out, dy, a, weight.t(), b, signs)
-    return out
+    if diagnostics.sampling():  # the statistics compare the float32 product
+        out = mxfp4_gemm(a, b, out_dtype=torch.float32, backend=recipe.gemm_backend)
+        diagnostics.measure_gemm(key.name, "dgrad", exact, out, dy, a, weight.t(), b, signs)
+        return out
+    return mxfp4_gemm(a, b, out_dtype=out_dtype, backend=recipe.gemm_backend)
 
 
 def wgrad(dy: torch.Tensor, x: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey,
-          qdy: Optional[MXFP4Tensor] = None, accumulate_into: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """dW = dYᵀ · X (float32) with both operands in MXFP4 along tokens. dy [T, out], x [T, in].
+          qdy: Optional[MXFP4Tensor] = None, accumulate_into: Optional[torch.Tensor] = None,
+          out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """dW = dYᵀ · X with both operands in MXFP4 along tokens. dy [T, out], x [T, in].
     `qdy`: dYᵀ already quantized (`grad_output_operands`). `accumulate_into`: a float32 [out, in]
-    tensor (Megatron's `main_grad`) that dW is added to in place by the GEMM's epilogue, and returned."""
+    tensor (Megatron's `main_grad`) that dW is added to in place by the GEMM's epilogue, and returned;
+    else dW in `out_dtype` (float32 while diagnostics sample)."""
     exact = lambda: diagnostics.exact_product(dy.t(), x)  # noqa: E731
     if not diagnostics.gemm_quantized(key.name, "wgrad"):
         return _accumulate(exact(), accumulate_into)
     if recipe.backward_format == "fp8":
-        return _accumulate(fp8_matmul(dy.t().contiguous(), x.t().contiguous(), out_dtype=torch.float32),
-                           accumulate_into)
+        od = torch.float32 if accumulate_into is not None else out_dtype
+        return _accumulate(fp8_matmul(dy.t().contiguous(), x.t().contiguous(), out_dtype=od), accumulate_into)
     check_reduction_dim(dy.shape[0], recipe, "wgrad reduction (tokens = sequence × micro-batch)")
     signs = qdy.signs if qdy is not None else gemm_signs(recipe, key, Gemm.WGRAD, dy.device)
     a = qdy if qdy is not None else _quantize(dy.t(), recipe, key, Gemm.WGRAD, Operand.GRAD_OUTPUT, signs)
@@ -148,7 +153,8 @@ def wgrad(dy: torch.Tensor, x: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey
         out = mxfp4_gemm(a, b, out_dtype=torch.float32, backend=recipe.gemm_backend)
         diagnostics.measure_gemm(key.name, "wgrad", exact, out, dy.t(), a, x.t(), b, signs)
         return _accumulate(out, accumulate_into)
-    return mxfp4_gemm(a, b, out_dtype=torch.float32, backend=recipe.gemm_backend, accumulate_into=accumulate_into)
+    od = torch.float32 if accumulate_into is not None else out_dtype
+    return mxfp4_gemm(a, b, out_dtype=od, backend=recipe.gemm_backend, accumulate_into=accumulate_into)
 
 
 def _accumulate(dw: torch.Tensor, into: Optional[torch.Tensor]) -> torch.Tensor:
@@ -156,18 +162,19 @@ def _accumulate(dw: torch.Tensor, into: Optional[torch.Tensor]) -> torch.Tensor:
 
 
 def grad_input(dy: torch.Tensor, weight: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey,
-               qdy: Optional[MXFP4Tensor] = None) -> torch.Tensor:
-    """dX = dY · W under the recipe: `dgrad` (float32) when `recipe.dgrad`, else the unquantized
+               qdy: Optional[MXFP4Tensor] = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """dX = dY · W under the recipe: `dgrad` (in `out_dtype`) when `recipe.dgrad`, else the unquantized
     product in dY's dtype (exactly what a stock linear layer computes)."""
     if not recipe.dgrad:
         return dy @ weight.to(dy.dtype)
-    return dgrad(dy, weight, recipe, key, qdy=qdy)
+    return dgrad(dy, weight, recipe, key, qdy=qdy, out_dtype=out_dtype)
 
 
 def grad_weight(dy: torch.Tensor, x: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey,
-                qdy: Optional[MXFP4Tensor] = None, accumulate_into: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """dW = dYᵀ · X under the recipe: `wgrad` (float32) when `recipe.wgrad`, else the unquantized
+                qdy: Optional[MXFP4Tensor] = None, accumulate_into: Optional[torch.Tensor] = None,
+                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """dW = dYᵀ · X under the recipe: `wgrad` (in `out_dtype`) when `recipe.wgrad`, else the unquantized
     product in dY's dtype. With `accumulate_into` (float32 [out, in]) dW is added to it instead."""
     if not recipe.wgrad:
         return _accumulate(dy.t() @ x.to(dy.dtype), accumulate_into)
-    return wgrad(dy, x, recipe, key, qdy=qdy, accumulate_into=accumulate_into)
+    return wgrad(dy, x, recipe, key, qdy=qdy, accumulate_into=accumulate_into, out_dtype=out_dtype)

@@ -186,7 +186,10 @@ def test_profile_backward_tiny(tmp_path):
     assert res["floors"]["bf16_gemms_ms"] > 0
     P = _load("profile_backward")
     assert P.categorize("void quantize_kernel<64, 3, 2>(QuantizeParams)") == "quantize (ours, CUDA)"
-    assert P.categorize("_to_e4m3_kernel") == "E4M3 tile layout (Triton)"
+    assert P.categorize("_to_e4m3_kernel") == "E4M3 tile layout"
+    assert P.categorize("mxfp4::detail::to_e4m3_tiles_kernel(mxfp4::TileParams)") == "E4M3 tile layout"
+    assert P.categorize("mxfp4::detail::mask_flagged_kernel(int*, int const*, float*, long, long)") == "E4M3 tile layout"
+    assert ours["host"]["host_ms_median"] > 0 and ours["host"]["functions"]
     assert P.categorize("sm90_xmma_gemm_e4m3e4m3_bf16") == "GEMM (cuBLAS / cuBLASLt / CUTLASS)"
     assert P.categorize("ncclDevKernel_AllReduce") == "NCCL"
 

@@ -342,14 +342,14 @@ cnt = torch.zeros(1, dtype=torch.int32)
 bad = torch.tensor([0, 1, 1], dtype=torch.int32)
 tg._slab_fix_kernel[(4,)](a.data, a.scales, b.data, b.scales, bad, c3, cnt, 32, 24, 3, K // 32, a.data.stride(0),
     a.scales.stride(0), b.data.stride(0), b.scales.stride(0), c3.stride(0), c3.stride(1), gemm_alpha(a, b),
-    BM=16, BN=16, GROUP_M=2, HAS_ALPHA=True)
+    BM=16, BN=16, GROUP_M=2, HAS_ALPHA=True, NTP=4)
 da, db = a.dequantize(unscaled=True).double(), b.dequantize(unscaled=True).double()
 ref3 = da[:, 128:] @ db[:, 128:].t() * gemm_alpha(a, b)
 assert ((c3.double() - ref3).norm() / ref3.norm()).item() < 1e-6 and int(cnt) == 1
 c4 = torch.full((32, 24), 7.0)
 tg._slab_fix_kernel[(4,)](a.data, a.scales, b.data, b.scales, bad * 0, c4, cnt, 32, 24, 3, K // 32, a.data.stride(0),
     a.scales.stride(0), b.data.stride(0), b.scales.stride(0), c4.stride(0), c4.stride(1), gemm_alpha(a, b),
-    BM=16, BN=16, GROUP_M=2, HAS_ALPHA=True)
+    BM=16, BN=16, GROUP_M=2, HAS_ALPHA=True, NTP=4)
 assert torch.all(c4 == 7.0) and int(cnt) == 1
 print("OK")
 """

@@ -51,11 +51,11 @@ class MXFP4AsyncColumnParallelFunction(torch.autograd.Function):
         dy2d = dy.reshape(-1, dy.shape[-1])
         x2d = x.reshape(-1, x.shape[-1])
         qd, qw = bwd.grad_output_operands(dy2d, recipe, key, True, ctx.needs_input_grad[2])
-        dx = bwd.grad_input(dy2d, weight, recipe, key, qdy=qd).to(x.dtype).reshape(x.shape).contiguous()
+        dx = bwd.grad_input(dy2d, weight, recipe, key, qdy=qd, out_dtype=x.dtype).to(x.dtype).reshape(x.shape).contiguous()
         handle = ds_comm.all_reduce(dx, group=ctx.group, async_op=True)
         dw = None
         if ctx.needs_input_grad[2]:  # the wgrad work overlaps the dX all-reduce
-            dw = bwd.grad_weight(dy2d, x2d, recipe, key, qdy=qw).to(weight.dtype)
+            dw = bwd.grad_weight(dy2d, x2d, recipe, key, qdy=qw, out_dtype=weight.dtype).to(weight.dtype)
         db = dy2d.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
         handle.wait()
         return None, dx, dw, db, None, None

@@ -119,10 +119,10 @@ class MXFP4Conv1DFunction(torch.autograd.Function):
         dx = dw = db = None
         qd, qw = bwd.grad_output_operands(dy2d, recipe, key, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         if ctx.needs_input_grad[0]:
-            dx = bwd.grad_input(dy2d, weight.t(), recipe, key, qdy=qd).to(x.dtype).reshape(x.shape)
+            dx = bwd.grad_input(dy2d, weight.t(), recipe, key, qdy=qd, out_dtype=x.dtype).to(x.dtype).reshape(x.shape)
         if ctx.needs_input_grad[1]:
             if recipe.wgrad:
-                dw = bwd.wgrad(dy2d, x2d, recipe, key, qdy=qw).t()
+                dw = bwd.wgrad(dy2d, x2d, recipe, key, qdy=qw, out_dtype=weight.dtype).t()
             else:  # Xᵀ·dY, the product HF Conv1D's own backward forms (bit-identical when off)
                 dw = x2d.t().to(dy2d.dtype) @ dy2d
             dw = dw.to(weight.dtype)

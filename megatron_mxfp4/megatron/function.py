@@ -116,7 +116,7 @@ class MXFP4ParallelLinearFunction(torch.autograd.Function):
         # 2. dgrad over the local output features (dY read once for both GEMMs when both are MXFP4)
         dy2d = grad_output.reshape(-1, grad_output.shape[-1])
         qd, qw = bwd.grad_output_operands(dy2d, recipe, key, True, wgrad)
-        grad_input = bwd.grad_input(dy2d, weight, recipe, key, qdy=qd).to(ctx.input_dtype)
+        grad_input = bwd.grad_input(dy2d, weight, recipe, key, qdy=qd, out_dtype=ctx.input_dtype).to(ctx.input_dtype)
         grad_input = grad_input.view(*grad_output.shape[:-1], weight.shape[1])
 
         # 3. the gather must be complete before wgrad reads X
@@ -149,7 +149,8 @@ class MXFP4ParallelLinearFunction(torch.autograd.Function):
                     weight.grad_added_to_main_grad = True
             else:
                 # float32 in MXFP4; the input's dtype, as Megatron, when off
-                grad_weight = bwd.grad_weight(grad_output, total_input, recipe, key, qdy=qw).to(weight.dtype)
+                grad_weight = bwd.grad_weight(grad_output, total_input, recipe, key, qdy=qw,
+                                              out_dtype=weight.dtype).to(weight.dtype)
 
         # 6. bias gradient from the unquantized dY
         grad_bias = None

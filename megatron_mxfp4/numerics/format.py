@@ -5,6 +5,8 @@ rounding rules (RTN and SR) and the nibble packing. Every backend reproduces the
 """
 from __future__ import annotations
 
+import struct
+
 import torch
 
 #: MX block size: one E8M0 scale per this many consecutive elements along the reduction dim.
@@ -103,3 +105,12 @@ def unpack_nibbles(data: torch.Tensor) -> torch.Tensor:
     lo = data & 0x0F
     hi = data >> 4
     return torch.stack([lo, hi], dim=-1).flatten(-2)
+
+
+def round_to_float32(x: float) -> float:
+    """x rounded once (to nearest, ties to even) to float32, as a Python float. A host-side scalar
+    helper (no tensor, no device): the GEMM's alpha and the Hadamard scale are float32 numbers."""
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:  # beyond float32's range: rounds to infinity
+        return float("inf") if x > 0 else float("-inf")

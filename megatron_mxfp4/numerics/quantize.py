@@ -196,7 +196,7 @@ def gemm_alpha(a: MXFP4Tensor, b: MXFP4Tensor, alpha: float = 1.0) -> float:
     alpha = float(alpha)
     if not math.isfinite(alpha):
         raise ValueError(f"mxfp4_gemm: alpha must be finite, got {alpha}")
-    return float(torch.tensor(alpha / (a.prescale * b.prescale), dtype=torch.float32))
+    return fmt.round_to_float32(alpha / (a.prescale * b.prescale))
 
 
 def gemm_reference(a: MXFP4Tensor, b: MXFP4Tensor, out_dtype: torch.dtype = torch.float32, alpha: float = 1.0,

@@ -6,10 +6,12 @@ reduction dimension multiply to the unrotated product, because (H S)ᵀ (H S) = 
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
+from .format import round_to_float32
 from .philox import random_signs
 
 RHT_BLOCKS = (32, 64, 128, 256)
@@ -22,9 +24,10 @@ def check_rht_block(g: int) -> int:
     return g
 
 
+@functools.lru_cache(maxsize=None)
 def hadamard_scale(g: int) -> float:
     """1/sqrt(g) rounded once to float32 (exact for g = 64 and 256)."""
-    return float(torch.tensor(1.0 / math.sqrt(g), dtype=torch.float32))
+    return round_to_float32(1.0 / math.sqrt(g))
 
 
 def hadamard_matrix(g: int, dtype=torch.float32, device=None) -> torch.Tensor:

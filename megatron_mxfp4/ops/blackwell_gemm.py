@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..numerics.quantize import MXFP4Tensor, gemm_alpha
-from .dispatch import register_gemm
+from .dispatch import device_capability, register_gemm
 from .layouts import _check_operand, blackwell_scale_layout
 
 
@@ -34,7 +34,7 @@ def _api():
 def blackwell_supports(t: torch.Tensor) -> Optional[str]:
     if not t.is_cuda:
         return f"needs a CUDA device (tensor is on {t.device})"
-    cap = torch.cuda.get_device_capability(t.device)
+    cap = device_capability(t.device)
     if cap[0] != 10:
         return f"native MXFP4 tensor cores need compute capability 10.x (Blackwell), found {cap[0]}.{cap[1]}"
     if not (hasattr(torch, "float4_e2m1fn_x2") and hasattr(torch, "float8_e8m0fnu")) or _api() is None:

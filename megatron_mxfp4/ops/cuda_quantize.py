@@ -29,7 +29,7 @@ import torch
 
 from ..numerics.quantize import MXFP4Tensor, check_quantize_args, quantize_reference, resolve_prescale
 from ..numerics.rht import hadamard_scale
-from .dispatch import quantize_dual_reference, register_dual_quantizer, register_quantizer
+from .dispatch import device_capability, quantize_dual_reference, register_dual_quantizer, register_quantizer
 
 try:
     _ext = importlib.import_module(__name__.rsplit(".", 2)[0] + "._mxfp4_cuda")
@@ -55,9 +55,23 @@ def supports(x) -> Optional[str]:
         return _LOAD_ERROR
     if not isinstance(x, torch.Tensor) or not x.is_cuda:
         return "the cuda quantizer needs a CUDA tensor"
-    if torch.cuda.get_device_capability(x.device) < (8, 0):
+    if device_capability(x.device) < (8, 0):
         return f"{torch.cuda.get_device_name(x.device)} is older than sm_80"
     return None
+
+
+def _raw_stream_fallback(index: int) -> int:
+    return torch.cuda.current_stream(index).cuda_stream
+
+
+#: The current CUDA stream of a device index as an integer handle (the cheap private accessor that Triton
+#: and Inductor use, where this torch has it: a launch happens several times per backward GEMM).
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or _raw_stream_fallback
+
+
+def current_stream_handle(device: torch.device) -> int:
+    """The current stream of `device` as the integer the extension's launchers take."""
+    return _raw_stream(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def is_available() -> bool:
@@ -124,7 +138,7 @@ def _launch(mode: int, base: torch.Tensor, g: int, sr: bool, p: float, seed, *, 
     kw = dict(dtype=_DTYPE_CODES[base.dtype], rht_block=g, mode=mode, stochastic=sr, x=base.data_ptr(),
               rows=base.shape[0], cols=base.shape[1], ld=base.stride(0), seed_ptr=seed_ptr, seed=seed_val,
               prescale=p, hadamard_scale=hadamard_scale(g) if g else 1.0,
-              stream=torch.cuda.current_stream(dev).cuda_stream)
+              stream=current_stream_handle(dev))
     for prefix, spec in (("row", row), ("col", col)):
         if spec is None:
             continue
@@ -134,8 +148,11 @@ def _launch(mode: int, base: torch.Tensor, g: int, sr: bool, p: float, seed, *, 
                    f"{prefix}_idx_stride": stride, f"{prefix}_signs": signs.data_ptr() if signs is not None else 0,
                    f"{prefix}_signs_out": signs_out.data_ptr() if signs_out is not None else 0,
                    f"{prefix}_offset_ptr": off_ptr, f"{prefix}_offset": off_val})
-    with torch.cuda.device(dev):
+    if dev.index is None or dev.index == torch.cuda.current_device():
         _ext.quantize(**kw)
+    else:  # the launch goes to the tensor's device
+        with torch.cuda.device(dev):
+            _ext.quantize(**kw)
 
 
 def _outputs(n: int, k: int, device):

@@ -6,9 +6,10 @@ priority order for `backend="auto"`.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -37,6 +38,18 @@ _warned = set()
 #: backend="auto" choice per (table, device): a device's capabilities do not change within a process, and
 #: asking every backend's predicate on every call costs the host ~20 µs per backend in each backward GEMM.
 _AUTO: Dict[tuple, _Backend] = {}
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_of(index: int) -> Tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def device_capability(device: torch.device) -> Tuple[int, int]:
+    """(major, minor) compute capability of a CUDA device, looked up once per device: backends ask on
+    every call, and a device's capability does not change within a process."""
+    device = torch.device(device)
+    return _capability_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def register_quantizer(name: str, fn: Callable, supports: Callable, priority: int) -> None:
@@ -147,7 +160,7 @@ def fp8_matmul(a: torch.Tensor, b: torch.Tensor, out_dtype=None) -> torch.Tensor
     Uses `torch._scaled_mm` on GPUs with FP8 tensor cores (sm_89+), the emulated reference elsewhere.
     """
     out_dtype = out_dtype or a.dtype
-    if a.is_cuda and torch.cuda.get_device_capability(a.device) >= (8, 9):
+    if a.is_cuda and device_capability(a.device) >= (8, 9):
         from ..numerics.fp8 import quantize_fp8
 
         qa, sa = quantize_fp8(a)

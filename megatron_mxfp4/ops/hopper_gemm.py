@@ -28,6 +28,7 @@ output; `accumulate_into` adds to an FP32 main_grad in place.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import replace
 from typing import Optional
@@ -35,7 +36,8 @@ from typing import Optional
 import torch
 
 from ..numerics.quantize import MXFP4Tensor, gemm_alpha
-from .dispatch import register_gemm
+from . import cuda_tiles
+from .dispatch import device_capability, register_gemm
 from .layouts import TILE
 from .triton_gemm import fix_bad_slabs, fp8_scaled_gemm, to_e4m3, triton_unavailable
 
@@ -53,11 +55,12 @@ def _warn_once(key: str, msg: str) -> None:
 
 class _FallbackMonitor:
     """Counts GEMM calls that needed the per-slab fallback, without synchronizing: the fix kernel bumps a
-    device counter, which is copied to pinned host memory after each call and read (once the copy has
-    landed) at the next call, to warn once."""
+    device counter, which is copied to pinned host memory every `poll_every` calls and read (once that
+    copy has landed) at a later poll, to warn once."""
 
-    def __init__(self):
+    def __init__(self, poll_every: int = 16):
         self._state = {}
+        self.poll_every = poll_every
 
     @staticmethod
     def _key(device):
@@ -68,21 +71,29 @@ class _FallbackMonitor:
         st = self._state.get(self._key(device))
         if st is None:
             st = self._state[self._key(device)] = dict(dev=torch.zeros(1, dtype=torch.int32, device=device),
-                                            host=torch.zeros(1, dtype=torch.int32, pin_memory=True), event=None)
+                                                       host=torch.zeros(1, dtype=torch.int32, pin_memory=True),
+                                                       event=None, calls=0)
         return st["dev"]
 
     def after_call(self, device) -> None:
-        st = self._state[self._key(device)]
         if "bad_slabs" in _warned:
             return
-        ev = st["event"]
-        if ev is not None and ev.query() and int(st["host"][0]) > 0:
-            _warn_once("bad_slabs", "megatron_mxfp4: some 128-column K-slabs held a tile whose block exponents span "
-                                    "more than 8 binades; those slabs were computed on the exact 32-K path")
+        st = self._state[self._key(device)]
+        st["calls"] += 1
+        if (st["calls"] - 1) % self.poll_every:
             return
+        ev = st["event"]
+        if ev is not None:
+            if not ev.query():  # the last copy has not landed: poll again later
+                return
+            if int(st["host"][0]) > 0:
+                _warn_once("bad_slabs", "megatron_mxfp4: some 128-column K-slabs held a tile whose block exponents "
+                                        "span more than 8 binades; those slabs were computed on the exact 32-K path")
+                return
         st["host"].copy_(st["dev"], non_blocking=True)
-        st["event"] = torch.cuda.Event()
-        st["event"].record()
+        if ev is None:
+            ev = st["event"] = torch.cuda.Event()
+        ev.record()
 
     def calls_with_fallback(self, device) -> int:
         """How many calls on `device` needed the fallback so far (synchronizes)."""
@@ -93,6 +104,7 @@ class _FallbackMonitor:
 monitor = _FallbackMonitor()
 
 
+@functools.lru_cache(maxsize=None)
 def _blockwise_api():
     try:
         from torch.nn.functional import ScalingType, scaled_mm
@@ -106,7 +118,7 @@ def _sm90_reason(t: torch.Tensor) -> Optional[str]:
     reason = triton_unavailable(t, (9, 0))
     if reason is not None:
         return reason
-    cap = torch.cuda.get_device_capability(t.device)
+    cap = device_capability(t.device)
     if cap != (9, 0):
         return f"the Hopper FP8 path is built for compute capability 9.0, found {cap[0]}.{cap[1]}"
     return None
@@ -130,7 +142,14 @@ def _finish(out: torch.Tensor, out_dtype, accumulate_into):
 
 def tile_operands(a: MXFP4Tensor, b: MXFP4Tensor, mult_b: float = 1.0):
     """Both operands in the E4M3-tile layout, ready for a GEMM: A's scales are zeroed on the slabs flagged in
-    either operand (those are added by `fix_bad_slabs`). Returns (oa, ob, flags int32 [K/128])."""
+    either operand (those are added by `fix_bad_slabs`). Returns (oa, ob, flags int32 [K/128]).
+
+    Uses the compiled conversion of the CUDA extension (`cuda_tiles`, natural order); without the
+    extension, the Triton kernel (warned about once)."""
+    reason = cuda_tiles.supports(a.data)
+    if reason is None:
+        return cuda_tiles.tile_operands(a, b, mult_b)
+    _warn_once("tiles", f"megatron_mxfp4: E4M3-tile conversion on the slower Triton kernel ({reason})")
     flags = torch.zeros((2, -(-a.shape[1] // TILE)), dtype=torch.int32, device=a.data.device)
     oa = to_e4m3(a, TILE, flags=flags[0])
     ob = to_e4m3(b, TILE, mult=mult_b, flags=flags[1])

@@ -21,7 +21,7 @@ import torch
 
 from ..numerics import format as fmt
 from ..numerics.quantize import MXFP4Tensor, gemm_alpha
-from .dispatch import register_gemm
+from .dispatch import device_capability, register_gemm
 from . import layouts as L
 from .layouts import TILE, E4M3Operand, _check_operand
 
@@ -39,7 +39,7 @@ def triton_unavailable(t: torch.Tensor, min_capability=(9, 0)) -> Optional[str]:
         return "Triton is not installed"
     if not t.is_cuda:
         return f"needs a CUDA device (tensor is on {t.device})"
-    cap = torch.cuda.get_device_capability(t.device)
+    cap = device_capability(t.device)
     if cap < tuple(min_capability):
         return f"needs compute capability >= {min_capability[0]}.{min_capability[1]}, found {cap[0]}.{cap[1]}"
     return None
@@ -172,28 +172,28 @@ if triton is not None:
     @triton.jit
     def _slab_fix_kernel(a_data, a_scale, b_data, b_scale, bad_ptr, c_ptr, counter_ptr, M, N, NT, NB,
                          stride_ad, stride_as, stride_bd, stride_bs, stride_cm, stride_cn, alpha,
-                         BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr, HAS_ALPHA: tl.constexpr):
+                         BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr, HAS_ALPHA: tl.constexpr,
+                         NTP: tl.constexpr):
         """C += alpha · A[:, S]·B[:, S]ᵀ over the flagged 128-column slabs S, straight from the packed
-        MXFP4 operands, promoting every 32-K block to float32 (exact). A program whose flags are all
-        zero writes nothing, so the launch costs only the flag reads when no slab is flagged."""
-        pid = tl.program_id(0)
-        pid_m, pid_n = _tile_ids(pid, M, N, BM, BN, GROUP_M)
-        rm = pid_m * BM + tl.arange(0, BM)
-        rn = pid_n * BN + tl.arange(0, BN)
-        ram = rm % M
-        rbn = rn % N
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        nfix = 0
-        for t in range(0, NT):
-            flag = tl.load(bad_ptr + t)
-            nfix += flag
-            if flag != 0:
-                for j in tl.static_range(4):
-                    av, sa = _decode_block(a_data, a_scale, ram, stride_ad, stride_as, t * 4 + j, NB, BM)
-                    bv, sb = _decode_block(b_data, b_scale, rbn, stride_bd, stride_bs, t * 4 + j, NB, BN)
-                    p = tl.dot(av, tl.trans(bv))
-                    acc += p * (sa[:, None] * sb[None, :])
-        if nfix > 0:
+        MXFP4 operands, promoting every 32-K block to float32 (exact). Every program first reads all NT
+        flags in one vector load (NTP: NT rounded up to a power of two) and returns when none is set, so
+        the launch costs one load per program in the common case."""
+        ft = tl.arange(0, NTP)
+        if tl.max(tl.load(bad_ptr + ft, mask=ft < NT, other=0), axis=0) != 0:
+            pid = tl.program_id(0)
+            pid_m, pid_n = _tile_ids(pid, M, N, BM, BN, GROUP_M)
+            rm = pid_m * BM + tl.arange(0, BM)
+            rn = pid_n * BN + tl.arange(0, BN)
+            ram = rm % M
+            rbn = rn % N
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for t in range(0, NT):
+                if tl.load(bad_ptr + t) != 0:
+                    for j in tl.static_range(4):
+                        av, sa = _decode_block(a_data, a_scale, ram, stride_ad, stride_as, t * 4 + j, NB, BM)
+                        bv, sb = _decode_block(b_data, b_scale, rbn, stride_bd, stride_bs, t * 4 + j, NB, BN)
+                        p = tl.dot(av, tl.trans(bv))
+                        acc += p * (sa[:, None] * sb[None, :])
             if HAS_ALPHA:
                 acc = acc * alpha
             cmask = (rm < M)[:, None] & (rn < N)[None, :]
@@ -330,7 +330,8 @@ def fix_bad_slabs(a: MXFP4Tensor, b: MXFP4Tensor, bad: torch.Tensor, alpha: floa
     _slab_fix_kernel[grid](a.data, a.scales, b.data, b.scales, bad, out, counter, M, N, bad.numel(), K // fmt.BLOCK,
                            a.data.stride(0), a.scales.stride(0), b.data.stride(0), b.scales.stride(0),
                            out.stride(0), out.stride(1), float(alpha), BM=bm, BN=bn, GROUP_M=group,
-                           HAS_ALPHA=float(alpha) != 1.0, num_warps=warps)
+                           HAS_ALPHA=float(alpha) != 1.0, NTP=triton.next_power_of_2(max(bad.numel(), 1)),
+                           num_warps=warps)
     return out
 
 

@@ -1,5 +1,6 @@
 """A small quantize workload for compute-sanitizer (tests/gpu/run.sh): every kernel mode, partial
-tiles, padded rows, drawn signs, device seed/offset. Exits non-zero on any mismatch."""
+tiles, padded rows, drawn signs, device seed/offset, and the E4M3-tile conversion (partial tiles and
+row groups, a flagged slab). Exits non-zero on any mismatch."""
 import torch
 
 from megatron_mxfp4.numerics.quantize import quantize_reference
@@ -28,6 +29,15 @@ def main():
             r, c = quantize_mxfp4_dual(xd, backend="cuda", **dkw)
             rr, rc = quantize_dual_reference(xd, **dkw)
             ok &= same(r, rr) and same(c, rc)
+    from megatron_mxfp4.ops import cuda_tiles, layouts
+
+    for rows, k in ((37, 96), (5, 4160)):
+        x = torch.randn(rows, k, device="cuda")
+        x[1, :32] *= 2.0 ** -20  # row 1, slab 0 spans > 8 binades: flagged
+        a = quantize_reference(x, -1, rounding="sr", seed=1)
+        oa, ob, bad = cuda_tiles.tile_operands(a, a)
+        ref = layouts.to_e4m3_reference(a, 128)
+        ok &= torch.equal(ob.codes.view(torch.uint8), ref.codes.view(torch.uint8)) and bool(bad[0]) == bool(ref.bad[0])
     torch.cuda.synchronize()
     print("sanitize workload:", "ok" if ok else "MISMATCH")
     raise SystemExit(0 if ok else 1)

@@ -129,11 +129,13 @@ def test_cross_scaled_slabs_use_the_exact_fallback(backend):
 
     hg._warned.discard("bad_slabs")
     hg.monitor._state.clear()           # earlier tests' fallbacks would otherwise warn on the first call
+    hg.monitor.poll_every = 1           # report at the very next call
     before = hg.monitor.calls_with_fallback(DEV)
     c = mxfp4_gemm(a, b, backend=backend)
     assert hg.monitor.calls_with_fallback(DEV) == before + 1      # synchronizes
     with pytest.warns(RuntimeWarning, match="exact 32-K path"):   # reported without a sync, one call later
         mxfp4_gemm(a, b, backend=backend)
+    hg.monitor.poll_every = 16
     err = rel(c, exact64(a, b))
     ERRORS[f"{backend}/cross30"] = err
     assert err <= EXACT_TOL
@@ -232,6 +234,60 @@ def test_conversion_kernel_is_bit_exact(tile, k, order):
         m = to_e4m3(t, tile, mult=16.0 / 9.0, order=order)
         fin = torch.isfinite(ref.scales)
         assert torch.equal(m.scales[fin], ref.scales[fin] * (16.0 / 9.0))
+
+
+def _tricky_operand(rows, k, seed):
+    """A random operand with a NaN block, a row-tile spanning 9 binades in slab 0 and negative-zero codes."""
+    t = make_operand(rows, k, 4, seed=seed, mode="tile", zero_frac=0.1)
+    s = t.scales.clone()
+    s[5, 1] = fmt.E8M0_NAN
+    s[9, 1] = s[9, 0] - 9          # slab 0: one row-tile spans 9 binades
+    data = t.data.clone()
+    data[9, :32] = 0x22            # blocks 0 and 1 of row 9 hold non-zero codes
+    data[11, 16:32] = 0x88         # block 1 of row 11: codes -0
+    data[12, 40:48] = 0x8F         # -0 next to -6
+    return MXFP4Tensor(data, s, t.prescale, 1, t.shape)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("rows,k", [(333, 96), (333, 1024), (64, 4160), (1, 128), (40, 8192)])
+def test_cuda_tile_conversion_is_bit_exact(rows, k):
+    from megatron_mxfp4.ops import cuda_tiles
+
+    if cuda_tiles.supports(torch.zeros(1, device=DEV)) is not None:
+        pytest.skip(cuda_tiles.supports(torch.zeros(1, device=DEV)))
+    t = _tricky_operand(max(rows, 13), k, seed=rows + k)
+    if rows < 13:
+        t = MXFP4Tensor(t.data[:rows], t.scales[:rows], t.prescale, 1, (rows, k))
+    ref = L.to_e4m3_reference(t, 128, order="natural")
+    got = cuda_tiles.to_e4m3_tiles(t)
+    assert got.order == "natural" and got.tile == 128 and got.k == k
+    assert torch.equal(got.codes.view(torch.uint8), ref.codes.view(torch.uint8))
+    assert torch.equal(got.scales.view(torch.int32), ref.scales.view(torch.int32))
+    assert torch.equal(got.bad.bool(), ref.bad)
+    m = cuda_tiles.to_e4m3_tiles(t, mult=16.0 / 9.0)
+    fin = torch.isfinite(ref.scales)
+    assert torch.equal(m.scales[fin], ref.scales[fin] * (16.0 / 9.0)) and torch.isnan(m.scales[~fin]).all()
+    # a view with a row stride larger than K/2 (every other row) gives the same codes as its copy
+    half = MXFP4Tensor(t.data[::2], t.scales[::2], t.prescale, 1, (t.data[::2].shape[0], k))
+    assert torch.equal(cuda_tiles.to_e4m3_tiles(half).codes.view(torch.uint8),
+                       L.to_e4m3_reference(half, 128, order="natural").codes.view(torch.uint8))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_tile_operands_mask_slabs_flagged_in_either_operand():
+    from megatron_mxfp4.ops import cuda_tiles
+
+    if cuda_tiles.supports(torch.zeros(1, device=DEV)) is not None:
+        pytest.skip(cuda_tiles.supports(torch.zeros(1, device=DEV)))
+    a = make_operand(96, 512, 4, seed=1, mode="tile")
+    b = _tricky_operand(80, 512, seed=2)    # slab 0 flagged in B only
+    oa, ob, bad = cuda_tiles.tile_operands(a, b, 2.0)
+    assert bad.tolist() == [1, 0, 0, 0]
+    ref_a = L.to_e4m3_reference(a, 128, order="natural")
+    assert torch.all(oa.scales[0] == 0) and torch.equal(oa.scales[1:], ref_a.scales[1:])
+    assert torch.equal(oa.codes.view(torch.uint8), ref_a.codes.view(torch.uint8))
+    assert torch.equal(ob.scales.nan_to_num(), (L.to_e4m3_reference(b, 128).scales * 2.0).nan_to_num())
 
 
 @hopper_only

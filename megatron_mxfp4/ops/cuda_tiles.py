@@ -1,0 +1,85 @@
+"""The E4M3-tile conversion of the Hopper GEMM on the CUDA extension (csrc/mxfp4_tiles.cu).
+
+`to_e4m3_tiles` is the compiled twin of `layouts.to_e4m3_reference(t, 128, "natural")`, bit for bit
+(tile scales multiplied by `mult` in float32): one pass that reads the packed codes and block scales
+once and writes the E4M3 codes, the float32 tile scales and the slab flags, with no host
+synchronization. `tile_operands` prepares both operands of a GEMM in three launches (plus the zeroing
+of the flags): convert A, convert B, then zero A's tile scales on every slab flagged in either.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..numerics.quantize import MXFP4Tensor
+from .cuda_quantize import _LOAD_ERROR, _ext, current_stream_handle
+from .layouts import TILE, E4M3Operand, _check_operand
+
+
+def supports(t: torch.Tensor) -> Optional[str]:
+    """None when the compiled conversion can run on t's device, else the reason."""
+    if _ext is None or not hasattr(_ext, "to_e4m3_tiles"):
+        return _LOAD_ERROR or "the CUDA extension predates the E4M3-tile kernel (rebuild it)"
+    if not t.is_cuda:
+        return f"needs a CUDA tensor (tensor is on {t.device})"
+    return None
+
+
+def _call(dev: torch.device, fn, *args) -> None:
+    """fn(*args, stream) on dev's current stream, from dev's context."""
+    if dev.index is None or dev.index == torch.cuda.current_device():
+        fn(*args, current_stream_handle(dev))
+    else:
+        with torch.cuda.device(dev):
+            fn(*args, current_stream_handle(dev))
+
+
+def _packed(t: MXFP4Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """t's codes with 8-byte aligned unit-stride rows, and its scales with unit-stride rows."""
+    data = t.data
+    if data.stride(1) != 1 or data.stride(0) % 8 or data.data_ptr() % 8:
+        data = data.contiguous() if not data.is_contiguous() else data.clone()
+    scales = t.scales if t.scales.stride(1) == 1 else t.scales.contiguous()
+    return data, scales
+
+
+def to_e4m3_tiles(t: MXFP4Tensor, mult: float = 1.0, flags: Optional[torch.Tensor] = None) -> E4M3Operand:
+    """[R, K] MXFP4Tensor (quantized along K) -> E4M3 codes [R, Kp] + float32 tile scales [Kp/128, R] in
+    natural element order. `flags`: an int32 [ceil(K/128)] zero buffer for the slab flags (allocated when
+    None); the result's `bad` is that buffer (nonzero = flagged)."""
+    _check_operand(t)
+    reason = supports(t.data)
+    if reason is not None:
+        raise RuntimeError(f"megatron_mxfp4 E4M3-tile conversion: {reason}")
+    R, K = t.shape
+    nt = -(-K // TILE)
+    dev = t.data.device
+    data, scales = _packed(t)
+    codes = torch.empty((R, nt * TILE), dtype=torch.float8_e4m3fn, device=dev)
+    tile_scales = torch.empty((nt, R), dtype=torch.float32, device=dev)
+    if flags is None:
+        flags = torch.zeros(nt, dtype=torch.int32, device=dev)
+    elif flags.dtype != torch.int32 or flags.numel() != nt or not flags.is_contiguous() or flags.device != dev:
+        raise ValueError(f"flags must be a contiguous int32 tensor of {nt} elements on {dev}, got "
+                         f"{flags.dtype} {tuple(flags.shape)} on {flags.device}")
+    _call(dev, _ext.to_e4m3_tiles, data.data_ptr(), data.stride(0), scales.data_ptr(), scales.stride(0), R, K,
+          codes.data_ptr(), tile_scales.data_ptr(), flags.data_ptr(), float(mult))
+    return E4M3Operand(codes, tile_scales, flags, TILE, K, "natural")
+
+
+def tile_operands(a: MXFP4Tensor, b: MXFP4Tensor, mult_b: float = 1.0):
+    """Both operands of A·Bᵀ in the E4M3-tile layout (B's tile scales times `mult_b`), with A's tile
+    scales zeroed on every K-slab flagged in either operand. Returns (oa, ob, flags int32 [K/128])."""
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"operands differ in K: {a.shape[1]} and {b.shape[1]}")
+    nt = -(-a.shape[1] // TILE)
+    dev = a.data.device
+    flags = torch.zeros((2, nt), dtype=torch.int32, device=dev)
+    oa = to_e4m3_tiles(a, flags=flags[0])
+    ob = to_e4m3_tiles(b, mult=mult_b, flags=flags[1])
+    _call(dev, _ext.mask_flagged_slabs, flags[0].data_ptr(), flags[1].data_ptr(), oa.scales.data_ptr(), a.shape[0], nt)
+    return oa, ob, flags[0]
+
+
+__all__ = ["supports", "to_e4m3_tiles", "tile_operands"]
