@@ -5,7 +5,7 @@ Two backends:
 
 `hopper` (fast; error ≤ 5e-4 relative, DESIGN §2.5): each operand becomes E4M3 codes with the
 block exponents folded in relative to their 1×128 tile + one float32 scale per tile
-(`layouts`, "tiles"), multiplied by cuBLASLt's FP8 GEMM with 1×128 block scaling on both operands
+(`layouts`, "tiles"; converted by the CUDA extension's kernel, `cuda_tiles`), multiplied by cuBLASLt's FP8 GEMM with 1×128 block scaling on both operands
 (`torch.nn.functional.scaled_mm`, `ScalingType.BlockWise1x128`). The tensor core adds products of
 the four blocks of a tile before the scale is applied and drops low bits when their exponents
 differ (measured 8e-5 at a 4-binade spread, 1.9e-4 at 8). K-slabs in which some row-tile of either

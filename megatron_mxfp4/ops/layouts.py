@@ -1,7 +1,8 @@
 """Operand layouts that the GEMM backends consume, converted from an `MXFP4Tensor` (plain PyTorch).
 
-These functions are the reference twins of the Triton conversion kernel (`triton_gemm.to_e4m3`)
-and the only layout code of the Blackwell path; they run on CPU and on CUDA tensors.
+These functions are the reference twins of the conversion kernels (compiled: `cuda_tiles.to_e4m3_tiles`;
+Triton: `triton_gemm.to_e4m3`) and the only layout code of the Blackwell path; they run on CPU and on
+CUDA tensors.
 
 **Hopper: E4M3 codes + one float32 scale per tile** (`to_e4m3_reference`). Every E2M1 value is
 exact in FP8 E4M3, so an MXFP4 operand [R, K] becomes FP8 codes [R, Kp] (Kp = K rounded up to the
