@@ -49,7 +49,7 @@ def check_reduction_dim(size: int, recipe: MXFP4Recipe, what: str) -> None:
     g = recipe.effective_rht_block
     step = max(BLOCK, g)
     if size % step:
-        fix = f" or set rht_block to 32 or 0" if g > BLOCK and size % BLOCK == 0 else ""
+        fix = " or set rht_block to 32 or 0" if g > BLOCK and size % BLOCK == 0 else ""
         raise ValueError(
             f"{what} has size {size}, which is not a multiple of {step} (MX block {BLOCK}"
             f"{f', RHT block {g}' if g else ''}); pad it to a multiple of {step}{fix}"
