@@ -7,7 +7,7 @@ import torch
 
 from megatron_mxfp4 import quantize_mxfp4
 from megatron_mxfp4.numerics import format as fmt
-from scalar_model import GRID, block_exponent, floor_log2, quantize_block_rtn
+from scalar_model import GRID, floor_log2, quantize_block_rtn
 
 
 def f32(v: float) -> float:

@@ -2,7 +2,7 @@
 import torch
 
 from megatron_mxfp4.numerics.philox import (
-    DOMAIN_DITHER, DOMAIN_SIGNS, philox4x32_10, random_signs, random_words, uniform, uniform_from_words,
+    DOMAIN_SIGNS, philox4x32_10, random_signs, random_words, uniform, uniform_from_words,
 )
 from megatron_mxfp4.numerics.streams import Gemm, Operand, derive_seed, stream_offset
 
