@@ -279,6 +279,18 @@ def test_gpu_backends_refuse_cpu_with_reason(backend):
     assert available_backends(a.data) == ["reference"]
 
 
+def test_compiled_tile_conversion_refuses_cpu_with_reason():
+    from megatron_mxfp4.ops import cuda_tiles
+
+    a = spread_operand(32, 256, 3, seed=48)
+    reason = cuda_tiles.supports(a.data)
+    assert reason and ("CUDA" in reason or "cuda" in reason)
+    with pytest.raises(RuntimeError, match="E4M3-tile conversion"):
+        cuda_tiles.to_e4m3_tiles(a)
+    with pytest.raises(TypeError, match="MXFP4Tensor"):
+        cuda_tiles.to_e4m3_tiles(a.data)
+
+
 def test_recipe_accepts_hopper_exact():
     assert MXFP4Recipe(backend="hopper_exact").gemm_backend == "hopper_exact"
     with pytest.raises(ValueError, match="backend"):
