@@ -74,6 +74,16 @@ def current_stream_handle(device: torch.device) -> int:
     return _raw_stream(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def launch_on(device: torch.device, fn, *args, **kwargs) -> None:
+    """fn(*args, **kwargs) from `device`'s context, so that its launches reach the tensors' GPU (switching
+    devices only when it is not the current one: this runs several times per backward GEMM)."""
+    if device.index is None or device.index == torch.cuda.current_device():
+        fn(*args, **kwargs)
+    else:
+        with torch.cuda.device(device):
+            fn(*args, **kwargs)
+
+
 def is_available() -> bool:
     return _ext is not None
 
@@ -148,11 +158,7 @@ def _launch(mode: int, base: torch.Tensor, g: int, sr: bool, p: float, seed, *, 
                    f"{prefix}_idx_stride": stride, f"{prefix}_signs": signs.data_ptr() if signs is not None else 0,
                    f"{prefix}_signs_out": signs_out.data_ptr() if signs_out is not None else 0,
                    f"{prefix}_offset_ptr": off_ptr, f"{prefix}_offset": off_val})
-    if dev.index is None or dev.index == torch.cuda.current_device():
-        _ext.quantize(**kw)
-    else:  # the launch goes to the tensor's device
-        with torch.cuda.device(dev):
-            _ext.quantize(**kw)
+    launch_on(dev, _ext.quantize, **kw)
 
 
 def _outputs(n: int, k: int, device):

@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..numerics.quantize import MXFP4Tensor
-from .cuda_quantize import _LOAD_ERROR, _ext, current_stream_handle
+from .cuda_quantize import _LOAD_ERROR, _ext, current_stream_handle, launch_on
 from .layouts import TILE, E4M3Operand, _check_operand
 
 
@@ -28,11 +28,7 @@ def supports(t: torch.Tensor) -> Optional[str]:
 
 def _call(dev: torch.device, fn, *args) -> None:
     """fn(*args, stream) on dev's current stream, from dev's context."""
-    if dev.index is None or dev.index == torch.cuda.current_device():
-        fn(*args, current_stream_handle(dev))
-    else:
-        with torch.cuda.device(dev):
-            fn(*args, current_stream_handle(dev))
+    launch_on(dev, fn, *args, current_stream_handle(dev))
 
 
 def _packed(t: MXFP4Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
