@@ -17,9 +17,9 @@ T* ptr(uintptr_t v) {
 }
 
 void quantize(int dtype, int rht_block, int mode, bool stochastic, uintptr_t x, int64_t rows, int64_t cols, int64_t ld,
-              uintptr_t row_data, uintptr_t row_scales, int64_t row_idx_stride, uintptr_t row_signs,
+              uintptr_t row_data, uintptr_t row_scales, int64_t row_k, uintptr_t row_signs,
               uintptr_t row_signs_out, uintptr_t row_offset_ptr, uint64_t row_offset, uintptr_t col_data,
-              uintptr_t col_scales, int64_t col_idx_stride, uintptr_t col_signs, uintptr_t col_signs_out,
+              uintptr_t col_scales, int64_t col_k, uintptr_t col_signs, uintptr_t col_signs_out,
               uintptr_t col_offset_ptr, uint64_t col_offset, uintptr_t seed_ptr, uint64_t seed, float prescale,
               float hadamard_scale, uintptr_t stream) {
   mxfp4::QuantizeParams p;
@@ -29,14 +29,14 @@ void quantize(int dtype, int rht_block, int mode, bool stochastic, uintptr_t x, 
   p.ld = ld;
   p.row_data = ptr<uint8_t>(row_data);
   p.row_scales = ptr<uint8_t>(row_scales);
-  p.row_idx_stride = row_idx_stride;
+  p.row_k = row_k;
   p.row_signs = ptr<const float>(row_signs);
   p.row_signs_out = ptr<float>(row_signs_out);
   p.row_offset_ptr = ptr<const int64_t>(row_offset_ptr);
   p.row_offset = row_offset;
   p.col_data = ptr<uint8_t>(col_data);
   p.col_scales = ptr<uint8_t>(col_scales);
-  p.col_idx_stride = col_idx_stride;
+  p.col_k = col_k;
   p.col_signs = ptr<const float>(col_signs);
   p.col_signs_out = ptr<float>(col_signs_out);
   p.col_offset_ptr = ptr<const int64_t>(col_offset_ptr);
@@ -86,9 +86,9 @@ PYBIND11_MODULE(_mxfp4_cuda, m) {
   m.attr("DUAL") = static_cast<int>(mxfp4::kDual);
   m.def("quantize", &quantize, py::call_guard<py::gil_scoped_release>(), py::arg("dtype"), py::arg("rht_block"),
         py::arg("mode"), py::arg("stochastic"), py::arg("x"), py::arg("rows"), py::arg("cols"), py::arg("ld"),
-        py::arg("row_data") = 0, py::arg("row_scales") = 0, py::arg("row_idx_stride") = 0, py::arg("row_signs") = 0,
+        py::arg("row_data") = 0, py::arg("row_scales") = 0, py::arg("row_k") = 0, py::arg("row_signs") = 0,
         py::arg("row_signs_out") = 0, py::arg("row_offset_ptr") = 0, py::arg("row_offset") = 0,
-        py::arg("col_data") = 0, py::arg("col_scales") = 0, py::arg("col_idx_stride") = 0, py::arg("col_signs") = 0,
+        py::arg("col_data") = 0, py::arg("col_scales") = 0, py::arg("col_k") = 0, py::arg("col_signs") = 0,
         py::arg("col_signs_out") = 0, py::arg("col_offset_ptr") = 0, py::arg("col_offset") = 0,
         py::arg("seed_ptr") = 0, py::arg("seed") = 0, py::arg("prescale") = 1.0f, py::arg("hadamard_scale") = 1.0f,
         py::arg("stream") = 0,

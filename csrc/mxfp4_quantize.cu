@@ -49,22 +49,22 @@ void quantize(DType dtype, int g, Mode mode, bool stochastic, const QuantizePara
   require(mode == kRow || mode == kCol || mode == kDual, "unknown mode " + std::to_string(mode));
   require(g == 0 || g == 32 || g == 64 || g == 128 || g == 256,
           "rht_block must be 0, 32, 64, 128 or 256, got " + std::to_string(g));
-  require(p.x != nullptr, "input pointer is null");
   require(p.rows >= 0 && p.cols >= 0, "negative shape");
+  require(p.x != nullptr || p.rows == 0 || p.cols == 0, "input pointer is null");
   const int sz = element_size(dtype);
   const int64_t step = g > 32 ? g : 32;
   require(p.ld >= p.cols && (p.ld * sz) % 16 == 0,
           "leading dimension " + std::to_string(p.ld) + " must be >= cols and a multiple of 16 bytes");
   require(reinterpret_cast<uintptr_t>(p.x) % 16 == 0, "input must be 16-byte aligned");
   if (mode & kRow) {
-    require(p.cols % step == 0, "cols " + std::to_string(p.cols) + " (quantized) must be a multiple of " + std::to_string(step));
+    require(p.row_k >= p.cols && p.row_k % step == 0, "row_k " + std::to_string(p.row_k) + " must cover cols " +
+                                                          std::to_string(p.cols) + " and be a multiple of " + std::to_string(step));
     require(p.row_data && p.row_scales, "row outputs are null");
-    require(!stochastic || p.row_idx_stride % 4 == 0, "row index stride must be a multiple of 4");
   }
   if (mode & kCol) {
-    require(p.rows % step == 0, "rows " + std::to_string(p.rows) + " (quantized) must be a multiple of " + std::to_string(step));
+    require(p.col_k >= p.rows && p.col_k % step == 0, "col_k " + std::to_string(p.col_k) + " must cover rows " +
+                                                          std::to_string(p.rows) + " and be a multiple of " + std::to_string(step));
     require(p.col_data && p.col_scales, "column outputs are null");
-    require(!stochastic || p.col_idx_stride % 4 == 0, "column index stride must be a multiple of 4");
   }
   int tr = 0, tc = 0;
   tile_shape(dtype, g, mode, &tr, &tc);

@@ -1,12 +1,13 @@
 // Host interface of the fused MXFP4 quantize kernels (no PyTorch dependency: raw pointers + stream).
 //
 // A kernel reads a row-major matrix X [rows, cols] (leading dimension `ld` elements, 16-byte aligned
-// rows) once and writes up to two MXFP4 copies of it:
-//   * the "row" copy, quantized along cols:  data [rows, cols/2], scales [rows, cols/32];
-//     element (r, c) draws its dither from index r * row_idx_stride + c;
-//   * the "col" copy, quantized along rows and stored transposed:  data [cols, rows/2],
-//     scales [cols, rows/32]; element (r, c) draws its dither from index c * col_idx_stride + r.
-// Each copy has its own RHT signs and Philox offset. The numerics are those of the PyTorch reference
+// rows; everything past rows x cols reads as zero) once and writes up to two MXFP4 copies of it:
+//   * the "row" copy, quantized along cols zero-padded to row_k:  data [rows, row_k/2], scales
+//     [rows, row_k/32]; element (r, c) draws its dither from logical index r * row_k + c;
+//   * the "col" copy, quantized along rows zero-padded to col_k and stored transposed:  data
+//     [cols, col_k/2], scales [cols, col_k/32]; element (r, c) draws its dither from index c * col_k + r.
+// row_k / col_k are multiples of max(32, g) (DESIGN §3). Each copy has its own RHT signs and Philox
+// offset. The numerics are those of the PyTorch reference
 // `megatron_mxfp4.numerics.quantize.quantize_reference`, bit for bit.
 #pragma once
 
@@ -25,7 +26,7 @@ struct QuantizeParams {
   // row copy (modes kRow, kDual)
   uint8_t* row_data = nullptr;
   uint8_t* row_scales = nullptr;
-  int64_t row_idx_stride = 0;
+  int64_t row_k = 0;                  // padded length of the quantized dimension (0: no row copy)
   const float* row_signs = nullptr;   // g float32 signs (only the sign bit is used); null: draw them
   float* row_signs_out = nullptr;     // optional: the g signs used, as float32 +-1
   const int64_t* row_offset_ptr = nullptr;  // optional device scalar (bits of a uint64)
@@ -33,7 +34,7 @@ struct QuantizeParams {
   // col copy (modes kCol, kDual)
   uint8_t* col_data = nullptr;
   uint8_t* col_scales = nullptr;
-  int64_t col_idx_stride = 0;
+  int64_t col_k = 0;                  // padded length of the quantized dimension (0: no col copy)
   const float* col_signs = nullptr;
   float* col_signs_out = nullptr;
   const int64_t* col_offset_ptr = nullptr;

@@ -2,30 +2,34 @@
 // RTN or SR (Philox4x32-10) -> nibble packing, for a row copy, a transposed column copy, or both
 // from one read of the input ("dual").
 //
-// Bit-exact twin of megatron_mxfp4/numerics/quantize.py (see its module docstring):
+// Bit-exact twin of megatron_mxfp4/numerics/quantize.py (contract v2, see its module docstring):
+//   0. the quantized dimension is zero-padded to K (a multiple of max(32, g)): the tile loads zero-fill
+//      everything past the input's edge, and the copies are written up to K;
 //   1. y = x (float32) with the sign bit of s_j flipped in (== x * s_j for s_j = +-1), butterflies
 //      h = 1, 2, 4, ... (pairs (i, i+h) -> (a+b, a-b)), then y *= float32(1/sqrt(g));
 //   2. amax of |y| over 32 elements; any NaN/Inf -> scale 0xFF and zero codes; otherwise
 //      e = max(exponent bits, 2) - 129 (== floor(log2 amax) - 2 clamped to [-127, 127]);
-//   3. v = (y * 2^-e) * p, two rounded float32 products;
-//   4. RTN (ties to even, saturating) or SR: up iff u < (|v| - lo) / gap, u = (word >> 8) 2^-24,
-//      word = Philox4x32-10 word of the element's logical index (index / 4 is the Philox counter,
-//      index % 4 picks the word), key = seed, counter words 2..3 = offset;
+//   3. v = y * (2^-e * p): one rounded product (2^-e * p is exact, and y * 2^-e is exact, so this is
+//      the reference's (y * 2^-e) * p);
+//   4. RTN (ties to even, saturating) or SR with the 8-bit dither r of the element's logical index i
+//      (row copy: row * K + col; column copy: col * K + row): byte i % 4 of word (i / 4) % 4 of the
+//      Philox4x32-10 call with block counter i / 16 (key = seed, counter words 2..3 = offset), so one
+//      call serves 16 consecutive elements of a thread;
 //   5. two codes per byte, first element in the low nibble.
 //
 // How a code is formed without a table: with xc = clamp(exponent(|v|), 127, 129) the map
 // g(|v|) = |v| * 2^(128 - xc) + 2 (xc - 127) sends the E2M1 grid {0, .5, 1, 1.5, 2, 3, 4, 6} onto
 // the integers 0..7 and is linear (slope 1/gap) between grid points, so
 //   RTN: code = rint(|v| * 2^(128 - xc)) + 2 (xc - 127)     (ties to even <=> even code)
-//   SR : code = floor(g) + [q < frac(g) 2^24]  with q = word >> 8
-//            = (ceil(g 2^24) + 0xFFFFFF - q) >> 24            (integer identity, q integer)
-// where |v| * 2^(152 - xc) = g 2^24 - 2 (xc - 127) 2^24 is computed exactly in float32 (a power-of-two
-// scaling) and rounded up to an integer; both are clamped to 7 (|v| >= 6).
+//   SR : with W = floor(512 g) and f = frac(g), the contract rounds up iff r < t = (floor(512 f) + 1) >> 1,
+//        i.e. iff floor(512 f) >= 2r + 1, so code = (W + 511 - 2r) >> 9. W comes from one float add
+//        rounded toward zero: |v| * 2^(137 - xc) < 2048 is exact, and adding the integer
+//        2^23 + 511 - 2r + 1024 (xc - 127) leaves W + 511 - 2r in the low mantissa bits.
+// Both are clamped to 7 (|v| >= 6 saturates).
 //
 // Blackwell: sm_100a's stochastic conversion (cvt.rs.satfinite.e2m1x4.f32) takes one 32-bit random
-// operand for four values, i.e. at most 8 random bits per element and its own decision rule, so it
-// cannot reproduce the contract's 24-bit-per-element comparison; the same portable code is built for
-// sm_90a and sm_100a.
+// operand for four values; whether its decision rule is the contract's is not documented, so the same
+// portable code is built for sm_90a and sm_100a (a variant would need a bit-for-bit self-test first).
 #pragma once
 
 #include <cstdint>
@@ -127,15 +131,14 @@ __device__ __forceinline__ uint32_t code_rtn(float x) {
   return mag | ((xb >> 28) & 8u);
 }
 
-__device__ __forceinline__ uint32_t code_sr(float x, uint32_t word) {
+__device__ __forceinline__ uint32_t code_sr(float x, uint32_t r) {
   const uint32_t xb = __float_as_uint(x);
   const uint32_t xc = min(max(xb & 0x7F800000u, 127u << 23), 129u << 23);
-  const float s = __uint_as_float((279u << 23) - xc);             // 2^(152 - xc)
-  const float a = __fmul_rn(fabsf(x), s);                         // (g - 2(xc-127)) 2^24, exact
-  const uint32_t ci = __float2uint_ru(a);                         // ceil
-  // + 2 (xc - 127) 2^24 + 0xFFFFFF - q, all mod 2^32 (the true sum is < 2^28)
-  const uint32_t t = ci + (xc << 2) + 0x02FFFFFFu - (word >> 8);
-  const uint32_t mag = min(t >> 24, 7u);
+  const float w = __fmul_rn(fabsf(x), __uint_as_float((264u << 23) - xc));  // |v| 2^(137 - xc) < 2048: exact
+  // float bits of 2^23 + 511 - 2r + 1024 (xc - 127), an integer in [2^23, 2^24)
+  const uint32_t c = (0x4B0001FFu - (127u << 10)) + (xc >> 13) - 2u * r;
+  const uint32_t z = __float_as_uint(__fadd_rz(w, __uint_as_float(c)));     // mantissa: W + 511 - 2r + ...
+  const uint32_t mag = min((z >> 9) & 15u, 7u);
   return mag | ((xb >> 28) & 8u);
 }
 
@@ -261,7 +264,8 @@ __device__ __forceinline__ void fwht(float (&v)[E], int seg, int step, float hsc
   __syncwarp();  // keeps the scheduler from interleaving the transform with the quantization (registers)
 }
 
-// Quantize E values (E/32 MX blocks) and store E/2 code bytes and E/32 scale bytes.
+// Quantize E values (E/32 MX blocks) whose first element has logical index idx0 (a multiple of 32), and
+// store E/2 code bytes and E/32 scale bytes.
 template <int E, bool SR>
 __device__ __forceinline__ void quantize_store(const float (&v)[E], float prescale, uint64_t idx0, uint64_t offset,
                                                const PhiloxKey& key, uint8_t* data, uint8_t* scales, bool valid) {
@@ -273,24 +277,24 @@ __device__ __forceinline__ void quantize_store(const float (&v)[E], float presca
     for (int i = 0; i < 32; ++i) amax = max_nan_abs(amax, v[32 * b + i]);
     const bool bad = !(amax <= 3.402823466e38f);  // NaN or Inf in the block
     const uint32_t sbyte = max(__float_as_uint(amax) >> 23, 2u) - 2u;  // e + 127
-    const float inv = __uint_as_float((254u - sbyte) << 23);         // 2^-e
+    const float mul = __fmul_rn(__uint_as_float((254u - sbyte) << 23), prescale);  // 2^-e p, exact
 #pragma unroll
-    for (int w = 0; w < 4; ++w) {
-      uint32_t word = 0;
+    for (int h = 0; h < 2; ++h) {  // 16 elements per Philox call
+      uint4 rnd = make_uint4(0, 0, 0, 0);
+      if (SR) rnd = philox_block((idx0 + 32 * b + 16 * h) >> 4, offset, kDomainDither, key);
+      const uint32_t r4[4] = {rnd.x, rnd.y, rnd.z, rnd.w};
 #pragma unroll
-      for (int q = 0; q < 2; ++q) {
-        const int i0 = 32 * b + 8 * w + 4 * q;
-        uint4 rnd = make_uint4(0, 0, 0, 0);
-        if (SR) rnd = philox_block((idx0 + i0) >> 2, offset, kDomainDither, key);
-        const uint32_t r4[4] = {rnd.x, rnd.y, rnd.z, rnd.w};
+      for (int q = 0; q < 2; ++q) {  // one output word: 8 codes
+        uint32_t word = 0;
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const float x = __fmul_rn(__fmul_rn(v[i0 + k], inv), prescale);
-          const uint32_t c = SR ? code_sr(x, r4[k]) : code_rtn(x);
-          word |= c << (4 * (4 * q + k));
+        for (int k = 0; k < 8; ++k) {
+          const int i = 16 * h + 8 * q + k;  // element in the block
+          const float x = __fmul_rn(v[32 * b + i], mul);
+          const uint32_t c = SR ? code_sr(x, (r4[i / 4 % 4] >> (8 * (i % 4))) & 0xFFu) : code_rtn(x);
+          word |= c << (4 * k);
         }
+        words[4 * b + 2 * h + q] = bad ? 0u : word;
       }
-      words[4 * b + w] = bad ? 0u : word;
     }
     if (valid) scales[b] = bad ? 0xFFu : static_cast<uint8_t>(sbyte);
   }
@@ -300,6 +304,10 @@ __device__ __forceinline__ void quantize_store(const float (&v)[E], float presca
       reinterpret_cast<uint4*>(data)[j] = make_uint4(words[4 * j], words[4 * j + 1], words[4 * j + 2], words[4 * j + 3]);
   }
 }
+
+// The extents the tiles cover: the input, and the padded quantized dimension of each copy written.
+__host__ __device__ __forceinline__ int64_t tiled_rows(const QuantizeParams& p) { return p.rows > p.col_k ? p.rows : p.col_k; }
+__host__ __device__ __forceinline__ int64_t tiled_cols(const QuantizeParams& p) { return p.cols > p.row_k ? p.cols : p.row_k; }
 
 __device__ __forceinline__ uint64_t read_u64(const int64_t* ptr, uint64_t value) {
   return ptr ? static_cast<uint64_t>(*ptr) : value;
@@ -323,9 +331,9 @@ __device__ __forceinline__ void init_signs(uint32_t* dst, const float* given, fl
   }
 }
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
+// 16 bytes to shared memory of which the first `n` (0..16) come from `gmem`, the rest are zero.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int n) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int n = pred ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
@@ -341,9 +349,11 @@ __device__ __forceinline__ void load_tile(const QuantizeParams& p, int64_t tile,
   for (int q = threadIdx.x; q < Geo::TR * CPR; q += kThreads) {
     const int r = q / CPR, c = q % CPR;
     const int64_t gr = row0 + r, gc = col0 + static_cast<int64_t>(c) * Geo::CH;
-    const bool ok = gr < p.rows && gc < p.cols;
+    const bool ok = gr < p.rows && gc < p.cols;  // past the edge: zeros (the padding of DESIGN §3)
     const T* src = ok ? x + gr * p.ld + gc : x;
-    cp_async16(dst + (r * Geo::TC * static_cast<int>(sizeof(T))) + ((c ^ swizzle<Geo>(r)) * 16), src, ok);
+    const int64_t left = p.cols - gc;  // elements of this chunk inside the row
+    const int n = !ok ? 0 : (left >= Geo::CH ? 16 : static_cast<int>(left) * static_cast<int>(sizeof(T)));
+    cp_async16(dst + (r * Geo::TC * static_cast<int>(sizeof(T))) + ((c ^ swizzle<Geo>(r)) * 16), src, n);
   }
 }
 
@@ -368,8 +378,8 @@ __global__ void __launch_bounds__(kThreads, 2) quantize_kernel(const QuantizePar
     if (DO_COL) init_signs<GB>(sgn_col, p.col_signs, p.col_signs_out, off_col, key);
   }
 
-  const int64_t ntc = (p.cols + TC - 1) / TC;
-  const int64_t ntiles = ((p.rows + TR - 1) / TR) * ntc;
+  const int64_t ntc = (tiled_cols(p) + TC - 1) / TC;
+  const int64_t ntiles = ((tiled_rows(p) + TR - 1) / TR) * ntc;
   const int tid = threadIdx.x;
   int64_t tile = blockIdx.x;
   if (tile < ntiles) load_tile<T, Geo>(p, tile, ntc, tiles);
@@ -406,9 +416,9 @@ __global__ void __launch_bounds__(kThreads, 2) quantize_kernel(const QuantizePar
         }
         if (RHT) fwht<E, NSEG>(v, sig, 8, p.hadamard_scale);
         const int64_t gr = row0 + r, gc = col0 + seg * E;
-        const bool valid = gr < p.rows && gc < p.cols;
-        quantize_store<E, SR>(v, p.prescale, static_cast<uint64_t>(gr * p.row_idx_stride + gc), off_row, key,
-                              p.row_data + gr * (p.cols / 2) + gc / 2, p.row_scales + gr * (p.cols / 32) + gc / 32,
+        const bool valid = gr < p.rows && gc < p.row_k;
+        quantize_store<E, SR>(v, p.prescale, static_cast<uint64_t>(gr * p.row_k + gc), off_row, key,
+                              p.row_data + gr * (p.row_k / 2) + gc / 2, p.row_scales + gr * (p.row_k / 32) + gc / 32,
                               valid);
       }
     }
@@ -439,9 +449,9 @@ __global__ void __launch_bounds__(kThreads, 2) quantize_kernel(const QuantizePar
         }
         if (RHT) fwht<E, NSEG>(v, s, CW, p.hadamard_scale);
         const int64_t gc = col0 + c, gr = row0 + rs * E;
-        const bool valid = gc < p.cols && gr < p.rows;
-        quantize_store<E, SR>(v, p.prescale, static_cast<uint64_t>(gc * p.col_idx_stride + gr), off_col, key,
-                              p.col_data + gc * (p.rows / 2) + gr / 2, p.col_scales + gc * (p.rows / 32) + gr / 32,
+        const bool valid = gc < p.cols && gr < p.col_k;
+        quantize_store<E, SR>(v, p.prescale, static_cast<uint64_t>(gc * p.col_k + gr), off_col, key,
+                              p.col_data + gc * (p.col_k / 2) + gr / 2, p.col_scales + gc * (p.col_k / 32) + gr / 32,
                               valid);
       }
     }

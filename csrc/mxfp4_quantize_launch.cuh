@@ -21,7 +21,7 @@ void launch(const QuantizeParams& p, cudaStream_t stream) {
   if constexpr (!Geo::kFits) {
     throw std::invalid_argument("mxfp4 quantize: this (dtype, g, mode) tile does not fit in shared memory");
   } else {
-    const int64_t ntiles = ((p.rows + Geo::TR - 1) / Geo::TR) * ((p.cols + Geo::TC - 1) / Geo::TC);
+    const int64_t ntiles = ((tiled_rows(p) + Geo::TR - 1) / Geo::TR) * ((tiled_cols(p) + Geo::TC - 1) / Geo::TC);
     if (ntiles == 0) return;
     auto kern = quantize_kernel<T, G, MODE, SR>;
     int dev = 0;

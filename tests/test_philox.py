@@ -2,7 +2,7 @@
 import torch
 
 from megatron_mxfp4.numerics.philox import (
-    DOMAIN_SIGNS, philox4x32_10, random_signs, random_words, uniform, uniform_from_words,
+    DOMAIN_SIGNS, bytes_from_words, dither_bytes, philox4x32_10, random_signs, random_words,
 )
 from megatron_mxfp4.numerics.streams import Gemm, Operand, derive_seed, stream_offset
 
@@ -44,15 +44,33 @@ def test_same_key_same_bits_different_key_different_bits():
         assert (a == other).float().mean() < 0.01  # independent 32-bit words collide with p = 2^-32
 
 
-def test_uniform_range_and_moments():
-    u = uniform(3, 5, (1 << 18,))
-    assert u.dtype == torch.float32 and u.min() >= 0 and u.max() < 1
-    # Mean 1/2, variance 1/12; standard errors for n = 2^18: 5.6e-4 and 5.1e-4 (bounds at > 6 sigma).
-    assert abs(u.mean().item() - 0.5) < 4e-3
-    assert abs(u.var().item() - 1 / 12) < 4e-3
-    # 24 random bits: every value is a multiple of 2^-24.
-    assert torch.equal(u * 2**24, (u * 2**24).floor())
-    assert uniform_from_words(torch.tensor([0xFFFFFFFF])).item() == 1 - 2**-24
+def test_dither_bytes_layout_matches_contract():
+    """Contract v2: element i takes byte i % 4 (little-endian) of word (i // 4) % 4 of the Philox call
+    with block counter i // 16, so one call feeds 16 consecutive elements."""
+    seed, offset = 0x0123456789ABCDEF, 0xFEDCBA9876543210
+    r = dither_bytes(seed, offset, (3, 16))  # 48 elements: three calls
+    assert r.dtype == torch.int64 and r.shape == (3, 16)
+    for i in range(48):
+        ctr = (i // 16, 0, offset & 0xFFFFFFFF, offset >> 32)
+        out = philox4x32_10(*[torch.tensor([c], dtype=torch.int64) for c in ctr], seed & 0xFFFFFFFF, seed >> 32)
+        word = int(out[(i // 4) % 4])
+        assert int(r.flatten()[i]) == (word >> (8 * (i % 4))) & 0xFF
+    assert bytes_from_words(torch.tensor([0x04030201])).tolist() == [1, 2, 3, 4]
+    # A shape whose size is not a multiple of 4 takes the first bytes of the same stream.
+    assert torch.equal(dither_bytes(seed, offset, (7,)), r.flatten()[:7])
+
+
+def test_dither_bytes_are_uniform():
+    """Chi-square over the 256 values of 2^20 bytes (255 degrees of freedom): the 1e-6 upper quantile is
+    ~380; a stream with one stuck bit (negative control) scores in the hundreds of thousands."""
+    r = dither_bytes(3, 5, (1 << 20,))
+    expected = r.numel() / 256
+
+    def chi2(t):
+        return ((torch.bincount(t, minlength=256).double() - expected) ** 2 / expected).sum().item()
+
+    assert chi2(r) < 380
+    assert chi2(r | 1) > 1e5
 
 
 def test_signs_are_balanced_rademacher():

@@ -23,11 +23,13 @@ def test_dual_reference_is_two_reference_calls():
     assert col.shape == (128, 96) and col.data.shape == (128, 48)
 
 
-def test_dual_rejects_bad_shapes():
+def test_dual_rejects_bad_shapes_and_pads_any_size():
     with pytest.raises(ValueError, match="2-d"):
         quantize_mxfp4_dual(torch.randn(64))
-    with pytest.raises(ValueError, match="dim 0, size 96"):
-        quantize_mxfp4_dual(torch.randn(96, 128), rht_block=64)
+    x = torch.randn(96, 100)
+    row, col = quantize_mxfp4_dual(x, rounding="sr", rht_block=64, seed=2, offset_row=3, offset_col=4)
+    assert row.padded_shape == (96, 128) and col.padded_shape == (100, 128)
+    assert _same(col, quantize_reference(x.t(), -1, "sr", None, 64, col.signs, 2, 4))
 
 
 def test_backward_operands_match_the_per_gemm_quantization():

@@ -74,12 +74,19 @@ def round_rtn(v: torch.Tensor) -> torch.Tensor:
     return mag | (torch.signbit(v).to(torch.uint8) << 3)
 
 
-def round_sr(v: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """E2M1 codes (uint8) of float32 `v` by stochastic rounding with uniforms `u` in [0, 1).
+def sr_threshold(f: torch.Tensor) -> torch.Tensor:
+    """The contract-v2 threshold t = (floor(512 f) + 1) >> 1 = floor(256 f + 1/2) (int64, 0..256) of a
+    float32 fraction f in [0, 1): an element rounds up iff its 8-bit dither r < t, so P(up) = t / 256 and
+    |P(up) - f| <= 1/512. 512 f is exact in float32 (a power-of-two scaling)."""
+    return (torch.floor(f * 512.0).to(torch.int64) + 1) >> 1
 
-    |v| in [lo, hi] between neighbouring grid values rounds up iff u < (|v| - lo) / (hi - lo).
-    Both the difference and the division are exact in float32 (Sterbenz; the gaps are powers of
-    two), so every backend makes the same decision for the same u. |v| >= 6 saturates at 6.
+
+def round_sr(v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """E2M1 codes (uint8) of float32 `v` by stochastic rounding with 8-bit dither `r` (integers 0..255).
+
+    |v| in [lo, hi] between neighbouring grid values has the fraction f = (|v| - lo) / (hi - lo), exact in
+    float32 (Sterbenz; the gaps are powers of two), and rounds up iff r < `sr_threshold(f)`, so every
+    backend makes the same decision for the same r. |v| >= 6 saturates at 6.
     """
     a = v.abs()
     grid = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=v.device)
@@ -87,7 +94,8 @@ def round_sr(v: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     lo = grid[lo_code]
     hi = grid[(lo_code + 1).clamp(max=7)]
     gap = torch.where(lo_code == 7, torch.ones_like(a), hi - lo)
-    up = (u < (a - lo) / gap) & (lo_code < 7)
+    f = torch.where(lo_code == 7, torch.zeros_like(a), (a - lo) / gap)
+    up = r.to(torch.int64) < sr_threshold(f)
     mag = (lo_code + up.to(lo_code.dtype)).to(torch.uint8)
     return mag | (torch.signbit(v).to(torch.uint8) << 3)
 

@@ -1,13 +1,17 @@
 """Philox4x32-10 (Salmon et al., SC'11) in plain PyTorch integer ops, plus the project's stream.
 
-The stream contract (DESIGN §2.4), identical in every backend:
+The stream contract (DESIGN §2.4, v2), identical in every backend. A stream (seed, offset, domain) is a
+sequence of 32-bit words; word j is output[j % 4] of the Philox call
 
-* key   = (seed & 0xFFFFFFFF, seed >> 32)           -- 64-bit seed
-* counter = (blk & 0xFFFFFFFF, (blk >> 32) | domain << 31, offset & 0xFFFFFFFF, offset >> 32)
-  where blk = index // 4 and index is the element's row-major flat index in the logical tensor;
-* word  = output[index % 4] of that Philox block;
-* domain 0 is the SR dither stream, domain 1 the RHT sign stream;
-* uniform u = (word >> 8) * 2^-24, a float32 in [0, 1) with 24 random bits (exact).
+* key     = (seed & 0xFFFFFFFF, seed >> 32)                        -- 64-bit seed
+* counter = (blk & 0xFFFFFFFF, (blk >> 32) | domain << 31, offset & 0xFFFFFFFF, offset >> 32),  blk = j // 4
+
+Domain 0 is the SR dither stream, domain 1 the RHT sign stream.
+
+* Dither (v2): element i of the quantized tensor's logical order (`quantize` defines it) takes the 8-bit
+  r = byte i % 4 (little-endian) of word i // 4, i.e. one Philox call feeds 16 consecutive elements
+  (block counter i // 16, word (i // 4) % 4).
+* Signs: sign j of a g-block is -1 iff the top bit of word j of the sign stream is set.
 
 All arithmetic is done in int64 with 16-bit limbs so that nothing overflows.
 """
@@ -101,17 +105,25 @@ def _host_words(seed: int, offset: int, n: int, domain: int) -> np.ndarray:
     return np.stack(words, axis=-1).reshape(-1)[:n].astype(np.int64)
 
 
-def uniform_from_words(words: torch.Tensor) -> torch.Tensor:
-    """float32 uniforms in [0, 1) from the top 24 bits of each 32-bit word (exact)."""
-    return (words >> 8).to(torch.float32) * (2.0**-24)
+#: Random bits per element of the SR dither (DESIGN §2.2, contract v2); elements fed by one Philox call.
+DITHER_BITS = 8
+ELEMENTS_PER_CALL = 4 * 32 // DITHER_BITS
 
 
-def uniform(seed: int, offset: int, shape, device=None) -> torch.Tensor:
-    """Dither uniforms for a tensor of `shape`; element i (row-major flat index) gets word i."""
+def bytes_from_words(words: torch.Tensor) -> torch.Tensor:
+    """The four bytes of each 32-bit word, little-endian (int64 tensor [..., 4 * n], values 0..255)."""
+    shifts = torch.arange(0, 32, 8, dtype=torch.int64, device=words.device)
+    return ((words.unsqueeze(-1) >> shifts) & 0xFF).flatten(-2)
+
+
+def dither_bytes(seed: int, offset: int, shape, device=None) -> torch.Tensor:
+    """The 8-bit dither r of a tensor of `shape` (int64, 0..255): element i of the row-major order gets
+    byte i % 4 of word i // 4 of the dither stream."""
     n = 1
     for s in shape:
         n *= int(s)
-    return uniform_from_words(random_words(seed, offset, n, DOMAIN_DITHER, device)).reshape(shape)
+    words = random_words(seed, offset, -(-n // 4), DOMAIN_DITHER, device)
+    return bytes_from_words(words)[:n].reshape(shape)
 
 
 def random_signs(seed: int, offset: int, n: int, device=None) -> torch.Tensor:

@@ -1,12 +1,16 @@
 """Reference MXFP4 quantizer and GEMM (plain PyTorch, runs on CPU): the oracle for every kernel.
 
-Order of operations for one element (bit-exact contract for all backends):
+Order of operations for one element (bit-exact contract for all backends, DESIGN §2-§3, v2):
+  0. the *logical tensor* is x with the quantized dim moved last and zero-padded along it to Kp, the next
+     multiple of max(32, g) (DESIGN §3: no size is refused; padded zeros add nothing to a product, and
+     the RHT of a zero-padded block cancels like any other);
   1. x -> float32; if rht_block: y = H_g · diag(s) · x per g-block (butterflies, then · 1/sqrt(g));
   2. per 32-block: amax = max |y|; e = floor(log2 amax) - 2 (exponent bits, clamped); a block with
      NaN/Inf gets scale 0xFF and all-zero codes;
   3. v = (y · 2^-e) · p in float32 (p = prescale; the second product is skipped when p == 1);
-  4. code = RTN(v) or SR(v, u) with u from the dither stream at the element's row-major flat index in
-     the logical tensor `x` (before the quantized dim is moved anywhere);
+  4. code = RTN(v) or SR(v, r), r = the 8-bit dither of the element's row-major flat index i in the
+     logical tensor (byte i % 4 of word i // 4 of the dither stream: one Philox call per 16 consecutive
+     elements along the quantized dim, `philox.dither_bytes`);
   5. pack two codes per byte along the quantized dim, first element in the low nibble.
 """
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import format as fmt
-from .philox import uniform
+from .philox import dither_bytes
 from .rht import apply_rht, check_rht_block, draw_signs
 
 ROUNDINGS = ("rtn", "sr")
@@ -29,10 +33,12 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 class MXFP4Tensor:
     """An MXFP4-quantized tensor.
 
-    `data`: uint8 codes packed two per byte along `dim` (shape[dim] halved);
-    `scales`: uint8 E8M0, one per 32 elements along `dim` (shape[dim] / 32);
+    `shape`: the original shape; along `dim` it is zero-padded to `padded_shape[dim]` (a multiple of 32 and
+    of `rht_block`), the size the codes, the GEMMs and the dither indices count;
+    `data`: uint8 codes packed two per byte along `dim` (padded size halved);
+    `scales`: uint8 E8M0, one per 32 elements along `dim` (padded size / 32);
     `prescale`: the factor p applied before rounding (dequantize divides it out);
-    `shape`: the original shape; `rht_block`/`signs`: the rotation the values live in (0/None: none).
+    `rht_block`/`signs`: the rotation the values live in (0/None: none).
     """
 
     data: torch.Tensor
@@ -43,24 +49,44 @@ class MXFP4Tensor:
     rht_block: int = 0
     signs: Optional[torch.Tensor] = None
 
+    @property
+    def padded_shape(self) -> Tuple[int, ...]:
+        """`shape` with the quantized dim padded (what a GEMM reduces over)."""
+        s = list(self.shape)
+        s[self.dim] = self.data.shape[self.dim] * 2
+        return tuple(s)
+
     def codes(self) -> torch.Tensor:
-        """Unpacked codes (uint8, original shape)."""
+        """Unpacked codes (uint8, `padded_shape`)."""
         d = self.data.movedim(self.dim, -1)
         return fmt.unpack_nibbles(d).movedim(-1, self.dim)
 
-    def dequantize(self, unscaled: bool = False) -> torch.Tensor:
-        """float32 estimate of x (in the rotated basis when rht_block > 0): codes · 2^e / prescale.
-
-        With `unscaled=True` the prescale is not divided out (the values a GEMM multiplies).
-        """
+    def values(self, unscaled: bool = False) -> torch.Tensor:
+        """float32 codes · 2^e / prescale over `padded_shape` (in the rotated basis when rht_block > 0).
+        With `unscaled=True` the prescale is not divided out (the values a GEMM multiplies)."""
         codes = self.codes().movedim(self.dim, -1)
         vals = fmt.e2m1_table(codes.device)[codes.long()]
-        vals = vals.reshape(*vals.shape[:-1], -1, fmt.BLOCK)
+        vals = vals.reshape(*vals.shape[:-1], vals.shape[-1] // fmt.BLOCK, fmt.BLOCK)
         scale = fmt.decode_scales(self.scales.movedim(self.dim, -1)).unsqueeze(-1)
         out = (vals * scale).flatten(-2)
         if not unscaled and self.prescale != 1.0:
             out = out / self.prescale
         return out.movedim(-1, self.dim)
+
+    def dequantize(self, unscaled: bool = False) -> torch.Tensor:
+        """float32 estimate of x: `values()` cut back to `shape`. In the rotated basis (rht_block > 0) the
+        padding carries rotated values, so the full `padded_shape` is returned (`invert_rht` on it, then
+        cut, gives the estimate of x)."""
+        out = self.values(unscaled)
+        if self.rht_block or out.shape[self.dim] == self.shape[self.dim]:
+            return out
+        return out.narrow(self.dim, 0, self.shape[self.dim])
+
+
+def padded_size(k: int, rht_block: int) -> int:
+    """A reduction size k zero-padded to the next multiple of the MX block and of the RHT block."""
+    step = max(fmt.BLOCK, rht_block)
+    return -(-k // step) * step
 
 
 def resolve_prescale(rounding: str, prescale: Optional[float]) -> float:
@@ -75,7 +101,7 @@ def resolve_prescale(rounding: str, prescale: Optional[float]) -> float:
 
 
 def check_quantize_args(x: torch.Tensor, dim: int, rht_block: int, signs: Optional[torch.Tensor]) -> int:
-    """Validate inputs of quantize_mxfp4; returns the normalized dim."""
+    """Validate inputs of quantize_mxfp4 (any size is accepted: DESIGN §3); returns the normalized dim."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"quantize_mxfp4 expects a tensor, got {type(x).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
@@ -85,17 +111,7 @@ def check_quantize_args(x: torch.Tensor, dim: int, rht_block: int, signs: Option
     if not -x.dim() <= dim < x.dim():
         raise ValueError(f"dim {dim} is out of range for a {x.dim()}-d tensor")
     dim %= x.dim()
-    k = x.shape[dim]
-    if k % fmt.BLOCK:
-        raise ValueError(
-            f"the quantized dimension (dim {dim}, size {k}) must be a multiple of the MX block {fmt.BLOCK}"
-        )
     check_rht_block(rht_block)
-    if rht_block and k % rht_block:
-        raise ValueError(
-            f"the quantized dimension (dim {dim}, size {k}) must be a multiple of rht_block={rht_block}; "
-            f"pad it or choose a smaller rht_block"
-        )
     if signs is not None:
         if not rht_block:
             raise ValueError("signs were given but rht_block is 0")
@@ -124,9 +140,13 @@ def quantize_reference(
     signs = signs.to(torch.float32) if signs is not None else None
 
     y = x.to(torch.float32).movedim(dim, -1)
-    if rht_block:
+    k = y.shape[-1]
+    kp = padded_size(k, rht_block)
+    if kp != k:
+        y = torch.nn.functional.pad(y, (0, kp - k))
+    if rht_block and y.numel():
         y = apply_rht(y, signs)
-    blocks = y.reshape(*y.shape[:-1], -1, fmt.BLOCK)
+    blocks = y.reshape(*y.shape[:-1], kp // fmt.BLOCK, fmt.BLOCK)
     finite = torch.isfinite(blocks).all(dim=-1)
     amax = torch.where(finite.unsqueeze(-1), blocks.abs(), torch.zeros_like(blocks)).amax(dim=-1)
     e = fmt.shared_exponent(amax)
@@ -134,8 +154,8 @@ def quantize_reference(
     if p != 1.0:
         v = v * p
     if rounding == "sr":
-        u = uniform(seed, offset, x.shape, x.device).movedim(dim, -1)
-        codes = fmt.round_sr(v, u.reshape(v.shape))
+        r = dither_bytes(seed, offset, y.shape, x.device)
+        codes = fmt.round_sr(v, r.reshape(v.shape))
     else:
         codes = fmt.round_rtn(v)
     codes = torch.where(finite.unsqueeze(-1), codes, torch.zeros_like(codes))
@@ -164,8 +184,9 @@ def check_gemm_operands(a: MXFP4Tensor, b: MXFP4Tensor, out_dtype: torch.dtype,
         if len(t.shape) != 2 or t.dim != 1:
             raise ValueError(f"mxfp4_gemm: {name} must be 2-d and quantized along its last dim (K); "
                              f"got shape {t.shape} quantized along dim {t.dim}")
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"mxfp4_gemm: reduction sizes differ: a has K={a.shape[1]}, b has K={b.shape[1]}")
+    if a.shape[1] != b.shape[1] or a.padded_shape[1] != b.padded_shape[1]:
+        raise ValueError(f"mxfp4_gemm: reduction sizes differ: a has K={a.shape[1]} (padded {a.padded_shape[1]}), "
+                         f"b has K={b.shape[1]} (padded {b.padded_shape[1]})")
     if a.data.device != b.data.device:
         raise ValueError(f"mxfp4_gemm: a is on {a.data.device} but b is on {b.data.device}")
     if a.rht_block != b.rht_block:
@@ -205,7 +226,7 @@ def gemm_reference(a: MXFP4Tensor, b: MXFP4Tensor, out_dtype: torch.dtype = torc
     alpha' = gemm_alpha(a, b, alpha). With `accumulate_into` (float32 [M, N]) the product is added
     to it in place (C += alpha'·A·Bᵀ, one float32 add per element) and that tensor is returned."""
     check_gemm_operands(a, b, out_dtype, accumulate_into)
-    c = a.dequantize(unscaled=True) @ b.dequantize(unscaled=True).t()
+    c = a.values(unscaled=True) @ b.values(unscaled=True).t()
     c = c * gemm_alpha(a, b, alpha)
     if accumulate_into is not None:
         return accumulate_into.add_(c)

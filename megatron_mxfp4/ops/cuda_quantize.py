@@ -4,14 +4,14 @@ Registers itself with the dispatcher on import: `quantize_mxfp4(..., backend="au
 CUDA tensors when the extension `megatron_mxfp4._mxfp4_cuda` is built (sm_80 or newer), and
 `quantize_mxfp4_dual` uses its dual kernel (one read of dY, both copies written).
 
-Every result is bit-identical to `quantize_reference` on the same arguments. Layouts:
+Every result is bit-identical to `quantize_reference` on the same arguments, any size included (the
+kernels read past the input's edge as zeros and write the padded copies). Layouts:
 
 * dim = last of a row-major tensor: the row kernel (quantized along the contiguous dimension);
 * dim = last of a 2-d transposed view `base.t()` (how the backward hands dYᵀ, Xᵀ and Wᵀ over):
   the column kernel reads `base` and writes the packed [N, T/2] layout directly;
-* dim = 0 of a 2-d tensor: RTN runs the column (or row) kernel and transposes the small outputs;
-  SR falls back to the reference (with a one-time warning), because the reference's dither index
-  then runs across the quantized dimension;
+* dim = 0 of a 2-d tensor: the logical order moves the quantized dim last, so this is the column
+  kernel on the tensor (or the row kernel on its transposed view), outputs transposed back;
 * any other layout is copied (dim = last) or falls back to the reference, each with a one-time warning.
 
 `seed` and `offset` may be Python ints or one-element int64 CUDA tensors holding the bits of the
@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..numerics.quantize import MXFP4Tensor, check_quantize_args, quantize_reference, resolve_prescale
+from ..numerics.quantize import MXFP4Tensor, check_quantize_args, padded_size, quantize_reference, resolve_prescale
 from ..numerics.rht import hadamard_scale
 from .dispatch import device_capability, quantize_dual_reference, register_dual_quantizer, register_quantizer
 
@@ -141,8 +141,8 @@ def _row_major_copy(x: torch.Tensor, sz: int) -> torch.Tensor:
 
 
 def _launch(mode: int, base: torch.Tensor, g: int, sr: bool, p: float, seed, *, row=None, col=None) -> None:
-    """One kernel launch on base [rows, cols] (row-major); row/col = (data, scales, idx_stride, signs,
-    signs_out, offset) of each copy written."""
+    """One kernel launch on base [rows, cols] (row-major); row/col = (data, scales, signs, signs_out, offset) of
+    each copy written, its padded length read off `data` (DESIGN §3)."""
     dev = base.device
     seed_ptr, seed_val = _u64("seed", seed, dev)
     kw = dict(dtype=_DTYPE_CODES[base.dtype], rht_block=g, mode=mode, stochastic=sr, x=base.data_ptr(),
@@ -152,19 +152,20 @@ def _launch(mode: int, base: torch.Tensor, g: int, sr: bool, p: float, seed, *, 
     for prefix, spec in (("row", row), ("col", col)):
         if spec is None:
             continue
-        data, scales, stride, signs, signs_out, offset = spec
+        data, scales, signs, signs_out, offset = spec
         off_ptr, off_val = _u64("offset", offset, dev)
         kw.update({f"{prefix}_data": data.data_ptr(), f"{prefix}_scales": scales.data_ptr(),
-                   f"{prefix}_idx_stride": stride, f"{prefix}_signs": signs.data_ptr() if signs is not None else 0,
+                   f"{prefix}_k": data.shape[1] * 2, f"{prefix}_signs": signs.data_ptr() if signs is not None else 0,
                    f"{prefix}_signs_out": signs_out.data_ptr() if signs_out is not None else 0,
                    f"{prefix}_offset_ptr": off_ptr, f"{prefix}_offset": off_val})
     launch_on(dev, _ext.quantize, **kw)
 
 
-def _outputs(n: int, k: int, device):
-    """Packed data [n, k/2] and scales [n, k/32] of n vectors quantized along k."""
-    return (torch.empty(n, k // 2, dtype=torch.uint8, device=device),
-            torch.empty(n, k // 32, dtype=torch.uint8, device=device))
+def _outputs(n: int, k: int, g: int, device):
+    """Packed data [n, kp/2] and scales [n, kp/32] of n vectors quantized along k padded to kp."""
+    kp = padded_size(k, g)
+    return (torch.empty(n, kp // 2, dtype=torch.uint8, device=device),
+            torch.empty(n, kp // 32, dtype=torch.uint8, device=device))
 
 
 def quantize_cuda(x: torch.Tensor, dim: int = -1, rounding: str = "rtn", prescale: Optional[float] = None,
@@ -179,20 +180,30 @@ def quantize_cuda(x: torch.Tensor, dim: int = -1, rounding: str = "rtn", prescal
     g = rht_block
     sz = x.element_size()
     nd = x.dim()
+    if x.numel() == 0:  # nothing to launch (the reference draws the signs on the host)
+        return quantize_reference(x, dim, rounding, prescale, g, signs, _as_int(seed), _as_int(offset))
     sig_in, sig_out = _prepare_signs(signs, g, x.device)
 
     def result(data, scales):
         return MXFP4Tensor(data=data, scales=scales, prescale=p, dim=dim, shape=tuple(x.shape), rht_block=g,
                            signs=sig_in if sig_in is not None else sig_out)
 
-    if dim == nd - 1 and nd == 2 and x.shape[0] > 1 and x.stride(0) == 1 and not x.is_contiguous():
-        # x = base.t(): quantize base [K, R] along its rows (column kernel); element (r, k) of x has
-        # logical index r*K + k = column r of base times K plus row k.
-        k, r = x.shape[1], x.shape[0]
+    if nd == 2 and x.shape[0] > 1 and x.stride(0) == 1 and not x.is_contiguous():
+        # x = base.t() with base [C, R] row-major: quantizing x along dim 1 is the column kernel on base
+        # (logical index r*Kp + k); along dim 0 it is the row kernel on base, outputs transposed back.
         base = _row_major_copy(x.t(), sz)
-        data, scales = _outputs(r, k, x.device)
-        _launch(COL, base, g, sr, p, seed, col=(data, scales, k, sig_in, sig_out, offset))
-        return result(data, scales)
+        if dim == 1:
+            data, scales = _outputs(x.shape[0], x.shape[1], g, x.device)
+            _launch(COL, base, g, sr, p, seed, col=(data, scales, sig_in, sig_out, offset))
+            return result(data, scales)
+        data, scales = _outputs(x.shape[1], x.shape[0], g, x.device)
+        _launch(ROW, base, g, sr, p, seed, row=(data, scales, sig_in, sig_out, offset))
+        return result(data.t().contiguous(), scales.t().contiguous())
+    if nd == 2 and dim == 0:
+        base = _row_major_copy(x, sz)  # [T, N] quantized along T: the column kernel, outputs transposed back
+        data, scales = _outputs(x.shape[1], x.shape[0], g, x.device)
+        _launch(COL, base, g, sr, p, seed, col=(data, scales, sig_in, sig_out, offset))
+        return result(data.t().contiguous(), scales.t().contiguous())
     if dim == nd - 1:
         if not x.is_contiguous() or x.data_ptr() % 16:
             _warn_once("copy", f"input of shape {tuple(x.shape)} and strides {x.stride()} is copied to a "
@@ -201,25 +212,11 @@ def quantize_cuda(x: torch.Tensor, dim: int = -1, rounding: str = "rtn", prescal
         else:
             x_c = x
         k = x.shape[-1]
-        base = x_c.reshape(-1, k)
-        data, scales = _outputs(base.shape[0], k, x.device)
-        _launch(ROW, base, g, sr, p, seed, row=(data, scales, k, sig_in, sig_out, offset))
-        return result(data.reshape(*x.shape[:-1], k // 2), scales.reshape(*x.shape[:-1], k // 32))
-    if nd == 2 and dim == 0 and not sr:
-        # RTN along dim 0 (no dither: the element order does not matter); outputs transposed back.
-        t, n = x.shape
-        if x.shape[1] > 1 and x.stride(0) == 1 and x.stride(1) != 1:
-            base = _row_major_copy(x.t(), sz)  # [N, T]: quantize along its rows' contiguous dim
-            data, scales = _outputs(n, t, x.device)
-            _launch(ROW, base, g, sr, p, seed, row=(data, scales, t, sig_in, sig_out, offset))
-        else:
-            base = _row_major_copy(x, sz)  # [T, N]: quantize along rows
-            data, scales = _outputs(n, t, x.device)
-            _launch(COL, base, g, sr, p, seed, col=(data, scales, t, sig_in, sig_out, offset))
-        return result(data.t().contiguous(), scales.t().contiguous())
-    why = ("SR along dim 0 (the reference's dither index runs across the quantized dimension)"
-           if nd == 2 and dim == 0 else f"dim {dim} of a {nd}-d tensor")
-    _warn_once(f"fallback-{nd}-{dim}-{rounding}", f"no kernel for {why}; using the PyTorch reference")
+        base = _row_major_copy(x_c.reshape(-1, k), sz)
+        data, scales = _outputs(base.shape[0], k, g, x.device)
+        _launch(ROW, base, g, sr, p, seed, row=(data, scales, sig_in, sig_out, offset))
+        return result(data.reshape(*x.shape[:-1], data.shape[1]), scales.reshape(*x.shape[:-1], scales.shape[1]))
+    _warn_once(f"fallback-{nd}-{dim}", f"no kernel for dim {dim} of a {nd}-d tensor; using the PyTorch reference")
     return quantize_reference(x, dim, rounding, prescale, rht_block, signs, _as_int(seed), _as_int(offset))
 
 
@@ -239,16 +236,19 @@ def quantize_dual_cuda(x: torch.Tensor, rounding: str = "sr", prescale: Optional
     g = rht_block
     t, n = x.shape
     sz = x.element_size()
+    if x.numel() == 0:  # nothing to launch (the reference draws the signs on the host)
+        return quantize_dual_reference(x, rounding, prescale, g, signs_row, signs_col, _as_int(seed),
+                                       _as_int(offset_row), _as_int(offset_col))
     if not _row_major(x, sz):
         _warn_once("dual-copy", f"dual input of shape {tuple(x.shape)} and strides {x.stride()} is copied to a "
                                 "row-major layout first")
     base = _row_major_copy(x, sz)
     rs_in, rs_out = _prepare_signs(signs_row, g, x.device)
     cs_in, cs_out = _prepare_signs(signs_col, g, x.device)
-    row_data, row_scales = _outputs(t, n, x.device)
-    col_data, col_scales = _outputs(n, t, x.device)
-    row = (row_data, row_scales, n, rs_in, rs_out, offset_row)
-    col = (col_data, col_scales, t, cs_in, cs_out, offset_col)
+    row_data, row_scales = _outputs(t, n, g, x.device)
+    col_data, col_scales = _outputs(n, t, g, x.device)
+    row = (row_data, row_scales, rs_in, rs_out, offset_row)
+    col = (col_data, col_scales, cs_in, cs_out, offset_col)
     if _ext.tile_shape(_DTYPE_CODES[x.dtype], g, DUAL)[0]:
         _launch(DUAL, base, g, sr, p, seed, row=row, col=col)
     else:  # no fused tile (float32 with g = 256): two reads

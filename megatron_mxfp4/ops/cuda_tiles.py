@@ -48,7 +48,7 @@ def to_e4m3_tiles(t: MXFP4Tensor, mult: float = 1.0, flags: Optional[torch.Tenso
     reason = supports(t.data)
     if reason is not None:
         raise RuntimeError(f"megatron_mxfp4 E4M3-tile conversion: {reason}")
-    R, K = t.shape
+    R, K = t.padded_shape
     nt = -(-K // TILE)
     dev = t.data.device
     data, scales = _packed(t)
@@ -67,9 +67,9 @@ def to_e4m3_tiles(t: MXFP4Tensor, mult: float = 1.0, flags: Optional[torch.Tenso
 def tile_operands(a: MXFP4Tensor, b: MXFP4Tensor, mult_b: float = 1.0):
     """Both operands of A·Bᵀ in the E4M3-tile layout (B's tile scales times `mult_b`), with A's tile
     scales zeroed on every K-slab flagged in either operand. Returns (oa, ob, flags int32 [K/128])."""
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"operands differ in K: {a.shape[1]} and {b.shape[1]}")
-    nt = -(-a.shape[1] // TILE)
+    if a.padded_shape[1] != b.padded_shape[1]:
+        raise ValueError(f"operands differ in K: {a.padded_shape[1]} and {b.padded_shape[1]}")
+    nt = -(-a.padded_shape[1] // TILE)
     dev = a.data.device
     flags = torch.zeros((2, nt), dtype=torch.int32, device=dev)
     oa = to_e4m3_tiles(a, flags=flags[0])

@@ -150,7 +150,7 @@ def tile_operands(a: MXFP4Tensor, b: MXFP4Tensor, mult_b: float = 1.0):
     if reason is None:
         return cuda_tiles.tile_operands(a, b, mult_b)
     _warn_once("tiles", f"megatron_mxfp4: E4M3-tile conversion on the slower Triton kernel ({reason})")
-    flags = torch.zeros((2, -(-a.shape[1] // TILE)), dtype=torch.int32, device=a.data.device)
+    flags = torch.zeros((2, -(-a.padded_shape[1] // TILE)), dtype=torch.int32, device=a.data.device)
     oa = to_e4m3(a, TILE, flags=flags[0])
     ob = to_e4m3(b, TILE, mult=mult_b, flags=flags[1])
     bad = flags.amax(0)

@@ -109,7 +109,7 @@ def to_e4m3_reference(t: MXFP4Tensor, tile: int = TILE, order: str = "natural") 
 
 
 def _to_e4m3_natural(t: MXFP4Tensor, tile: int) -> E4M3Operand:
-    R, K = t.shape
+    R, K = t.padded_shape
     kp = -(-K // tile) * tile
     codes = t.codes().to(torch.int64)                       # [R, K]
     vals = fmt.e2m1_table(codes.device)[codes]              # E2M1 values, float32
@@ -169,7 +169,7 @@ def take_slabs(t: MXFP4Tensor, slabs: torch.Tensor, tile: int = TILE) -> MXFP4Te
     The last slab may be partial (K not a multiple of the tile); its missing columns are zero codes.
     """
     _check_operand(t)
-    R, K = t.shape
+    R, K = t.padded_shape
     kp = -(-K // tile) * tile
     data, scales = t.data, t.scales
     if kp != K:

@@ -300,7 +300,7 @@ def to_e4m3(t: MXFP4Tensor, tile: int = TILE, mult: float = 1.0, order: Optional
         raise ValueError(f"tile must be {fmt.BLOCK} or {TILE}, got {tile}")
     if order not in L.ORDERS:
         raise ValueError(f"order must be one of {L.ORDERS}, got {order!r}")
-    R, K = t.shape
+    R, K = t.padded_shape
     kp = -(-K // tile) * tile
     dev = t.data.device
     data = t.data if t.data.stride(1) == 1 else t.data.contiguous()
@@ -323,7 +323,7 @@ def fix_bad_slabs(a: MXFP4Tensor, b: MXFP4Tensor, bad: torch.Tensor, alpha: floa
     """out += alpha · A[:, S]·B[:, S]ᵀ over the 128-column slabs S flagged in `bad` (int32 [K/128], on the
     device), exactly; adds 1 to `counter` (int32 [1]) when any slab was flagged. No host synchronization."""
     _need_triton(a.data)
-    M, K = a.shape
+    M, K = a.padded_shape
     N = b.shape[0]
     bm, bn, warps, group = config
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
@@ -372,7 +372,7 @@ def dot_scaled_gemm(a: MXFP4Tensor, b: MXFP4Tensor, out_dtype=torch.float32, alp
                     accumulate_into: Optional[torch.Tensor] = None, config=None) -> torch.Tensor:
     """The `triton` backend: alpha · a·bᵀ through `tl.dot_scaled` (e2m1 × e2m1, E8M0 scales)."""
     _need_triton(a.data)
-    M, K = a.shape
+    M, K = a.padded_shape
     N = b.shape[0]
     al = gemm_alpha(a, b, alpha)
     bm, bn, bk, warps, stages, group = config or DOT_SCALED_CONFIG
