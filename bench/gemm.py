@@ -20,6 +20,15 @@ Operands of our methods: BF16 N(0,1) data with outlier columns, RHT (g=64) + RTN
 (alpha = 16/9 in the epilogue); the FP8/BF16 baselines use random data of the same shapes.
 
     python bench/gemm.py [--models 1.3b,6.7b] [--tp 1,2,8] [--tokens 8192] [--tune] [--out bench/results/gemm-h200]
+
+`--backward` measures instead, per linear layer, both backward GEMMs *from BF16 tensors* dY [T, out],
+X [T, in], W [out, in] (what a backward pass costs around the GEMMs as well):
+  bf16            dX = dY·W and dW = dYᵀ·X, two cuBLAS BF16 GEMMs
+  fp8_tensor      per-tensor E4M3 casts of dY (both layouts), W and X (amax, scale, cast, transpose copies;
+                  PyTorch ops, unfused) + two torch._scaled_mm; fp8_gemms: the two GEMMs alone
+  mxfp4           the library's backward: dual RHT + SR quantize of dY, columnwise quantize of W and X,
+                  two `hopper` GEMMs (`backward.quantize_grad_output`, `dgrad`, `wgrad`; default recipe)
+  mxfp4_quant     the three quantize launches of `mxfp4` alone (their share)
 """
 import argparse
 import json
@@ -160,8 +169,83 @@ def run_shape(s, methods, signs, seed):
     return res, err, nbad, dict(tile_operands=conv_ms, natural_order_kernels=conv_nat_ms)
 
 
+def backward_rows(models, tokens, log):
+    """Both backward GEMMs from BF16 tensors per linear layer of each model (see the module docstring)."""
+    from megatron_mxfp4 import MXFP4Recipe
+    from megatron_mxfp4 import backward as bwd
+    from megatron_mxfp4.numerics.fp8 import quantize_fp8
+
+    recipe = MXFP4Recipe()
+    rows = []
+    for model in models:
+        h = MODELS[model]
+        for layer, (din, dout) in {"qkv": (h, 3 * h), "proj": (h, h), "fc1": (h, 4 * h), "fc2": (4 * h, h)}.items():
+            g = torch.Generator(device="cuda").manual_seed(din + dout)
+            dy = torch.randn(tokens, dout, generator=g, device="cuda").to(torch.bfloat16)
+            x = torch.randn(tokens, din, generator=g, device="cuda").to(torch.bfloat16)
+            w = torch.randn(dout, din, generator=g, device="cuda").to(torch.bfloat16) * 0.02
+            key = bwd.StreamKey(seed=7, layer=1, call=0)
+
+            def fp8():
+                qd, sd = quantize_fp8(dy)
+                qw, sw = quantize_fp8(w)
+                qx, sx = quantize_fp8(x)
+                dx = torch._scaled_mm(qd, qw.t().contiguous().t(), sd, sw, out_dtype=torch.bfloat16)
+                dw = torch._scaled_mm(qd.t().contiguous(), qx, sd, sx, out_dtype=torch.bfloat16)
+                return dx, dw
+
+            def quant():
+                qd = bwd.quantize_grad_output(dy, recipe, key)
+                bwd._quantize(w.t(), recipe, key, bwd.Gemm.DGRAD, bwd.Operand.WEIGHT, qd[0].signs)
+                bwd._quantize(x.t(), recipe, key, bwd.Gemm.WGRAD, bwd.Operand.INPUT, qd[1].signs)
+
+            def mxfp4():
+                qd, qw = bwd.grad_output_operands(dy, recipe, key)
+                return (bwd.dgrad(dy, w, recipe, key, qdy=qd, out_dtype=torch.bfloat16),
+                        bwd.wgrad(dy, x, recipe, key, qdy=qw, out_dtype=torch.bfloat16))
+
+            (qd, sd), (qw, sw), (qx, sx) = quantize_fp8(dy), quantize_fp8(w), quantize_fp8(x)
+            qwt, qdt = qw.t().contiguous().t(), qd.t().contiguous()
+
+            def fp8_gemms():  # operands cast beforehand: the two GEMMs alone
+                return (torch._scaled_mm(qd, qwt, sd, sw, out_dtype=torch.bfloat16),
+                        torch._scaled_mm(qdt, qx, sd, sx, out_dtype=torch.bfloat16))
+
+            fns = {"bf16": lambda: (dy @ w, dy.t() @ x), "fp8_tensor": fp8, "fp8_gemms": fp8_gemms, "mxfp4": mxfp4,
+                   "mxfp4_quant": quant}
+            ms = {name: bench_ms(fn) for name, fn in fns.items()}
+            flop = 2 * 2.0 * tokens * din * dout
+            row = dict(model=model, layer=layer, T=tokens, din=din, dout=dout, ms=ms,
+                       speedup_vs_bf16={k: ms["bf16"] / v for k, v in ms.items() if k != "mxfp4_quant"},
+                       quant_share=ms["mxfp4_quant"] / ms["mxfp4"], tflops_bf16=flop / ms["bf16"] / 1e9)
+            rows.append(row)
+            log(f"{model} {layer} [{tokens}x{din}->{dout}] " + " ".join(f"{k}={v:.3f}ms" for k, v in ms.items())
+                + f"  mxfp4 {ms['bf16'] / ms['mxfp4']:.2f}x bf16, fp8 {ms['bf16'] / ms['fp8_tensor']:.2f}x bf16")
+            del dy, x, w, qd, qw, qx, qwt, qdt
+            torch.cuda.empty_cache()
+    return rows
+
+
+def backward_markdown(rows, cmd, dev, clocks) -> str:
+    md = [f"# Both backward GEMMs from BF16 tensors on {dev}", "", f"`{cmd}` — {time.strftime('%Y-%m-%d')}, "
+          f"torch {torch.__version__}; SM clock / max / power after the run: {clocks}.", "",
+          "Median ms (`triton.testing.do_bench`, L2 flushed) of dX = dY·W plus dW = dYᵀ·X per linear layer, "
+          "quantizers included (see `bench/gemm.py --help`). Speed-up = BF16 time / time.", "",
+          "| model | layer | T, in → out | BF16 ms | FP8 tensorwise ms (GEMMs alone) | MXFP4 ms (quantize share) | "
+          "MXFP4 × BF16 | FP8 × BF16 (GEMMs alone) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m = r["ms"]
+        md.append(f"| {r['model']} | {r['layer']} | {r['T']}, {r['din']} → {r['dout']} | {m['bf16']:.3f} | "
+                  f"{m['fp8_tensor']:.3f} ({m['fp8_gemms']:.3f}) | {m['mxfp4']:.3f} ({100 * r['quant_share']:.0f}%) | "
+                  f"{r['speedup_vs_bf16']['mxfp4']:.2f} | {r['speedup_vs_bf16']['fp8_tensor']:.2f} "
+                  f"({r['speedup_vs_bf16']['fp8_gemms']:.2f}) |")
+    return "\n".join(md) + "\n"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backward", action="store_true",
+                    help="both backward GEMMs from BF16 tensors per layer, quantizers included (module docstring)")
     ap.add_argument("--models", default="1.3b,6.7b")
     ap.add_argument("--tp", default="1,2,8")
     ap.add_argument("--tokens", type=int, default=8192)
@@ -181,6 +265,18 @@ def main(argv=None):
         print(msg, flush=True)
         lines.append(msg)
 
+    if args.backward:
+        rows = backward_rows(args.models.split(","), args.tokens, log)
+        cmd = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+        text = backward_markdown(rows, cmd, torch.cuda.get_device_name(), gpu_clocks())
+        print(text)
+        if args.out:
+            os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+            with open(args.out + ".md", "w") as f:
+                f.write(text)
+            with open(args.out + ".json", "w") as f:
+                json.dump(dict(command=cmd, device=torch.cuda.get_device_name(), rows=rows), f, indent=1)
+        return
     methods = args.methods.split(",")
     signs = torch.where(torch.rand(64, device="cuda") < 0.5, -1.0, 1.0)
     tuned = None

@@ -1,5 +1,5 @@
 """A small quantize workload for compute-sanitizer (tests/gpu/run.sh): every kernel mode, partial
-tiles, padded rows, drawn signs, device seed/offset, and the E4M3-tile conversion (partial tiles and
+tiles, padded rows, zero-padded edges, drawn signs, device seed/offset, and the E4M3-tile conversion (partial tiles and
 row groups, a flagged slab). Exits non-zero on any mismatch."""
 import torch
 
@@ -29,6 +29,11 @@ def main():
             r, c = quantize_mxfp4_dual(xd, backend="cuda", **dkw)
             rr, rc = quantize_dual_reference(xd, **dkw)
             ok &= same(r, rr) and same(c, rc)
+            xo = torch.randn(33, 100, device="cuda").to(dtype)  # zero-padded edges (DESIGN §3)
+            r, c = quantize_mxfp4_dual(xo, backend="cuda", **dkw)
+            rr, rc = quantize_dual_reference(xo, **dkw)
+            ok &= same(r, rr) and same(c, rc)
+            ok &= same(quantize_mxfp4(xo, 0, backend="cuda", **kw), quantize_reference(xo, 0, **kw))
     from megatron_mxfp4.ops import cuda_tiles, layouts
 
     for rows, k in ((37, 96), (5, 4160)):
