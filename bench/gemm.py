@@ -191,7 +191,7 @@ def backward_rows(models, tokens, log):
                 qw, sw = quantize_fp8(w)
                 qx, sx = quantize_fp8(x)
                 dx = torch._scaled_mm(qd, qw.t().contiguous().t(), sd, sw, out_dtype=torch.bfloat16)
-                dw = torch._scaled_mm(qd.t().contiguous(), qx, sd, sx, out_dtype=torch.bfloat16)
+                dw = torch._scaled_mm(qd.t().contiguous(), qx.t().contiguous().t(), sd, sx, out_dtype=torch.bfloat16)
                 return dx, dw
 
             def quant():
@@ -205,11 +205,11 @@ def backward_rows(models, tokens, log):
                         bwd.wgrad(dy, x, recipe, key, qdy=qw, out_dtype=torch.bfloat16))
 
             (qd, sd), (qw, sw), (qx, sx) = quantize_fp8(dy), quantize_fp8(w), quantize_fp8(x)
-            qwt, qdt = qw.t().contiguous().t(), qd.t().contiguous()
+            qwt, qdt, qxt = qw.t().contiguous().t(), qd.t().contiguous(), qx.t().contiguous().t()
 
             def fp8_gemms():  # operands cast beforehand: the two GEMMs alone
                 return (torch._scaled_mm(qd, qwt, sd, sw, out_dtype=torch.bfloat16),
-                        torch._scaled_mm(qdt, qx, sd, sx, out_dtype=torch.bfloat16))
+                        torch._scaled_mm(qdt, qxt, sd, sx, out_dtype=torch.bfloat16))
 
             fns = {"bf16": lambda: (dy @ w, dy.t() @ x), "fp8_tensor": fp8, "fp8_gemms": fp8_gemms, "mxfp4": mxfp4,
                    "mxfp4_quant": quant}
@@ -221,7 +221,7 @@ def backward_rows(models, tokens, log):
             rows.append(row)
             log(f"{model} {layer} [{tokens}x{din}->{dout}] " + " ".join(f"{k}={v:.3f}ms" for k, v in ms.items())
                 + f"  mxfp4 {ms['bf16'] / ms['mxfp4']:.2f}x bf16, fp8 {ms['bf16'] / ms['fp8_tensor']:.2f}x bf16")
-            del dy, x, w, qd, qw, qx, qwt, qdt
+            del dy, x, w, qd, qw, qx, qwt, qdt, qxt
             torch.cuda.empty_cache()
     return rows
 
