@@ -6,7 +6,9 @@
 //     [rows, row_k/32]; element (r, c) draws its dither from logical index r * row_k + c;
 //   * the "col" copy, quantized along rows zero-padded to col_k and stored transposed:  data
 //     [cols, col_k/2], scales [cols, col_k/32]; element (r, c) draws its dither from index c * col_k + r.
-// row_k / col_k are multiples of max(32, g) (DESIGN §3). Each copy has its own RHT signs and Philox
+// row_k / col_k are multiples of max(32, g) (DESIGN §3). Optionally each copy's scales are also written in
+// the 128x4-swizzled layout of Blackwell's block-scaled GEMMs (`*_scales_swizzled`, [ceil(rows/128) * 128,
+// ceil(k/128) * 4] bytes; the kernel writes the entries of real scales only). Each copy has its own RHT signs and Philox
 // offset. The numerics are those of the PyTorch reference
 // `megatron_mxfp4.numerics.quantize.quantize_reference`, bit for bit.
 #pragma once
@@ -27,6 +29,7 @@ struct QuantizeParams {
   uint8_t* row_data = nullptr;
   uint8_t* row_scales = nullptr;
   int64_t row_k = 0;                  // padded length of the quantized dimension (0: no row copy)
+  uint8_t* row_scales_swizzled = nullptr;  // optional: the scales again, 128x4-swizzled
   const float* row_signs = nullptr;   // g float32 signs (only the sign bit is used); null: draw them
   float* row_signs_out = nullptr;     // optional: the g signs used, as float32 +-1
   const int64_t* row_offset_ptr = nullptr;  // optional device scalar (bits of a uint64)
@@ -35,6 +38,7 @@ struct QuantizeParams {
   uint8_t* col_data = nullptr;
   uint8_t* col_scales = nullptr;
   int64_t col_k = 0;                  // padded length of the quantized dimension (0: no col copy)
+  uint8_t* col_scales_swizzled = nullptr;
   const float* col_signs = nullptr;
   float* col_signs_out = nullptr;
   const int64_t* col_offset_ptr = nullptr;

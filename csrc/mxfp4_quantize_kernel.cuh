@@ -264,11 +264,21 @@ __device__ __forceinline__ void fwht(float (&v)[E], int seg, int step, float hsc
   __syncwarp();  // keeps the scheduler from interleaving the transform with the quantization (registers)
 }
 
+// Byte offset of scale (r, c) in the 128x4-swizzled E8M0 layout that Blackwell's block-scaled GEMMs read
+// (twin of `layouts.blackwell_scale_offset`): 512-byte blocks of 128 rows x 4 scale columns in row-major
+// block order, (r, c) at (r % 32) * 16 + (r % 128 / 32) * 4 + c % 4 inside its block; `padded_cols` is the
+// scale-column count rounded up to 4.
+__device__ __forceinline__ int64_t swizzled_scale_offset(int64_t r, int64_t c, int64_t padded_cols) {
+  return ((r >> 7) * (padded_cols >> 2) + (c >> 2)) * 512 + (r & 31) * 16 + ((r >> 5) & 3) * 4 + (c & 3);
+}
+
 // Quantize E values (E/32 MX blocks) whose first element has logical index idx0 (a multiple of 32), and
-// store E/2 code bytes and E/32 scale bytes.
+// store E/2 code bytes and E/32 scale bytes; with `swz` also the scales at their places in the swizzled
+// layout of row `srow` (scale columns scol, scol + 1, ...; `spc` padded scale columns).
 template <int E, bool SR>
 __device__ __forceinline__ void quantize_store(const float (&v)[E], float prescale, uint64_t idx0, uint64_t offset,
-                                               const PhiloxKey& key, uint8_t* data, uint8_t* scales, bool valid) {
+                                               const PhiloxKey& key, uint8_t* data, uint8_t* scales, bool valid,
+                                               uint8_t* swz, int64_t srow, int64_t scol, int64_t spc) {
   uint32_t words[E / 8];
 #pragma unroll
   for (int b = 0; b < E / 32; ++b) {
@@ -296,7 +306,9 @@ __device__ __forceinline__ void quantize_store(const float (&v)[E], float presca
         words[4 * b + 2 * h + q] = bad ? 0u : word;
       }
     }
-    if (valid) scales[b] = bad ? 0xFFu : static_cast<uint8_t>(sbyte);
+    const uint8_t sb = bad ? 0xFFu : static_cast<uint8_t>(sbyte);
+    if (valid) scales[b] = sb;
+    if (valid && swz) swz[swizzled_scale_offset(srow, scol + b, spc)] = sb;
   }
   if (valid) {
 #pragma unroll
@@ -419,7 +431,7 @@ __global__ void __launch_bounds__(kThreads, 2) quantize_kernel(const QuantizePar
         const bool valid = gr < p.rows && gc < p.row_k;
         quantize_store<E, SR>(v, p.prescale, static_cast<uint64_t>(gr * p.row_k + gc), off_row, key,
                               p.row_data + gr * (p.row_k / 2) + gc / 2, p.row_scales + gr * (p.row_k / 32) + gc / 32,
-                              valid);
+                              valid, p.row_scales_swizzled, gr, gc / 32, (p.row_k / 32 + 3) / 4 * 4);
       }
     }
     if (DO_COL) {
@@ -452,7 +464,7 @@ __global__ void __launch_bounds__(kThreads, 2) quantize_kernel(const QuantizePar
         const bool valid = gc < p.cols && gr < p.col_k;
         quantize_store<E, SR>(v, p.prescale, static_cast<uint64_t>(gc * p.col_k + gr), off_col, key,
                               p.col_data + gc * (p.col_k / 2) + gr / 2, p.col_scales + gc * (p.col_k / 32) + gr / 32,
-                              valid);
+                              valid, p.col_scales_swizzled, gc, gr / 32, (p.col_k / 32 + 3) / 4 * 4);
       }
     }
     __syncthreads();

@@ -369,3 +369,22 @@ print("OK")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, env=env,
                          timeout=300)
     assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr
+
+
+def _kernel_swizzled_offset(r, c, padded_cols):
+    """csrc/mxfp4_quantize_kernel.cuh `swizzled_scale_offset`, transcribed (shifts and masks)."""
+    return ((r >> 7) * (padded_cols >> 2) + (c >> 2)) * 512 + (r & 31) * 16 + ((r >> 5) & 3) * 4 + (c & 3)
+
+
+@pytest.mark.parametrize("rows, k", [(1, 32), (130, 96), (256, 4096), (300, 160)])
+def test_quantize_kernel_swizzled_scale_offsets_match_the_layout(rows, k):
+    """The quantize kernel writes each scale of a GEMM operand at `swizzled_scale_offset` (Blackwell's 128×4
+    layout, written in the same pass); every real scale lands where `blackwell_scale_layout` puts it."""
+    cols = k // 32
+    scales = torch.randint(0, 255, (rows, cols), dtype=torch.uint8)
+    want = L.blackwell_scale_layout(scales)
+    _, pc = L.blackwell_scale_shape(rows, k)
+    got = torch.full_like(want, 127)
+    r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    got[_kernel_swizzled_offset(r, c, pc).flatten()] = scales.flatten()
+    assert torch.equal(got, want)

@@ -38,7 +38,10 @@ class MXFP4Tensor:
     `data`: uint8 codes packed two per byte along `dim` (padded size halved);
     `scales`: uint8 E8M0, one per 32 elements along `dim` (padded size / 32);
     `prescale`: the factor p applied before rounding (dequantize divides it out);
-    `rht_block`/`signs`: the rotation the values live in (0/None: none).
+    `rht_block`/`signs`: the rotation the values live in (0/None: none);
+    `swizzled_scales`: optionally the same scales of a 2-d tensor in the 128×4-swizzled layout that
+    Blackwell's block-scaled GEMMs read (flat uint8, `ops.layouts.blackwell_scale_layout`), written by a
+    quantize kernel in the same pass so that no separate layout pass runs.
     """
 
     data: torch.Tensor
@@ -48,6 +51,7 @@ class MXFP4Tensor:
     shape: Tuple[int, ...]
     rht_block: int = 0
     signs: Optional[torch.Tensor] = None
+    swizzled_scales: Optional[torch.Tensor] = None
 
     @property
     def padded_shape(self) -> Tuple[int, ...]:

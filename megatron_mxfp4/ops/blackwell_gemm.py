@@ -8,8 +8,10 @@ and the E8M0 scales as `torch.float8_e8m0fnu` in the 128×4 swizzled layout cuBL
 product is exact up to float32 accumulation. alpha is applied to the float32 result (as the
 reference does), then the output is cast or accumulated into `accumulate_into`.
 
-Selected by capability (10.x only). The layout conversion is unit-tested on CPU; this path has
-not been run on Blackwell hardware by this project.
+Selected by capability (10.x only). On such GPUs the `cuda` quantizer writes the swizzled scales in the
+same pass (`MXFP4Tensor.swizzled_scales`, checked bit for bit on the H200 against
+`layouts.blackwell_scale_layout`); the layout conversion is unit-tested on CPU. This path has not been run
+on Blackwell hardware by this project.
 """
 from __future__ import annotations
 
@@ -43,10 +45,12 @@ def blackwell_supports(t: torch.Tensor) -> Optional[str]:
 
 
 def blackwell_operand(t: MXFP4Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(codes as float4_e2m1fn_x2 [R, K/2], swizzled scales as float8_e8m0fnu, flat) for cuBLASLt."""
+    """(codes as float4_e2m1fn_x2 [R, K/2], swizzled scales as float8_e8m0fnu, flat) for cuBLASLt: the
+    quantizer's swizzled copy when it wrote one (the `cuda` quantizer does on Blackwell), else made here."""
     _check_operand(t)
     data = t.data if t.data.is_contiguous() else t.data.contiguous()
-    return data.view(torch.float4_e2m1fn_x2), blackwell_scale_layout(t.scales).view(torch.float8_e8m0fnu)
+    swz = t.swizzled_scales if t.swizzled_scales is not None else blackwell_scale_layout(t.scales)
+    return data.view(torch.float4_e2m1fn_x2), swz.view(torch.float8_e8m0fnu)
 
 
 def blackwell_gemm(a: MXFP4Tensor, b: MXFP4Tensor, out_dtype=torch.float32, alpha: float = 1.0,

@@ -30,6 +30,7 @@ import torch
 from ..numerics.quantize import MXFP4Tensor, check_quantize_args, padded_size, quantize_reference, resolve_prescale
 from ..numerics.rht import hadamard_scale
 from .dispatch import device_capability, quantize_dual_reference, register_dual_quantizer, register_quantizer
+from .layouts import blackwell_scale_shape
 
 try:
     _ext = importlib.import_module(__name__.rsplit(".", 2)[0] + "._mxfp4_cuda")
@@ -141,8 +142,8 @@ def _row_major_copy(x: torch.Tensor, sz: int) -> torch.Tensor:
 
 
 def _launch(mode: int, base: torch.Tensor, g: int, sr: bool, p: float, seed, *, row=None, col=None) -> None:
-    """One kernel launch on base [rows, cols] (row-major); row/col = (data, scales, signs, signs_out, offset) of
-    each copy written, its padded length read off `data` (DESIGN §3)."""
+    """One kernel launch on base [rows, cols] (row-major); row/col = (data, scales, signs, signs_out, offset,
+    swizzled scales or None) of each copy written, its padded length read off `data` (DESIGN §3)."""
     dev = base.device
     seed_ptr, seed_val = _u64("seed", seed, dev)
     kw = dict(dtype=_DTYPE_CODES[base.dtype], rht_block=g, mode=mode, stochastic=sr, x=base.data_ptr(),
@@ -152,9 +153,10 @@ def _launch(mode: int, base: torch.Tensor, g: int, sr: bool, p: float, seed, *, 
     for prefix, spec in (("row", row), ("col", col)):
         if spec is None:
             continue
-        data, scales, signs, signs_out, offset = spec
+        data, scales, signs, signs_out, offset, swz = spec
         off_ptr, off_val = _u64("offset", offset, dev)
         kw.update({f"{prefix}_data": data.data_ptr(), f"{prefix}_scales": scales.data_ptr(),
+                   f"{prefix}_scales_swizzled": swz.data_ptr() if swz is not None else 0,
                    f"{prefix}_k": data.shape[1] * 2, f"{prefix}_signs": signs.data_ptr() if signs is not None else 0,
                    f"{prefix}_signs_out": signs_out.data_ptr() if signs_out is not None else 0,
                    f"{prefix}_offset_ptr": off_ptr, f"{prefix}_offset": off_val})
@@ -168,9 +170,25 @@ def _outputs(n: int, k: int, g: int, device):
             torch.empty(n, kp // 32, dtype=torch.uint8, device=device))
 
 
+def _swizzled(n: int, k: int, g: int, device, swizzle: Optional[bool]) -> Optional[torch.Tensor]:
+    """The buffer for a GEMM operand's scales in the 128×4-swizzled layout (None when not wanted: by default
+    on Blackwell, whose GEMMs read it). Its padding (rows to 128, scale columns to 4) holds 2^0, as
+    `layouts.blackwell_scale_layout` pads; the kernel writes the rest."""
+    if swizzle is None:
+        swizzle = device_capability(device) >= (10, 0)
+    if not swizzle:
+        return None
+    rp, cp = blackwell_scale_shape(n, padded_size(k, g))
+    if rp == n and cp * 32 == padded_size(k, g):
+        return torch.empty(rp * cp, dtype=torch.uint8, device=device)
+    return torch.full((rp * cp,), 127, dtype=torch.uint8, device=device)
+
+
 def quantize_cuda(x: torch.Tensor, dim: int = -1, rounding: str = "rtn", prescale: Optional[float] = None,
-                  rht_block: int = 0, signs: Optional[torch.Tensor] = None, seed=0, offset=0) -> MXFP4Tensor:
-    """`quantize_reference` on the GPU (same arguments, same bits); see the module docstring."""
+                  rht_block: int = 0, signs: Optional[torch.Tensor] = None, seed=0, offset=0,
+                  swizzle: Optional[bool] = None) -> MXFP4Tensor:
+    """`quantize_reference` on the GPU (same arguments, same bits); see the module docstring. A 2-d operand
+    quantized along its last dim also gets `swizzled_scales` when `swizzle` (default: on Blackwell)."""
     dim = check_quantize_args(x, dim, rht_block, signs)
     reason = supports(x)
     if reason is not None:
@@ -184,9 +202,9 @@ def quantize_cuda(x: torch.Tensor, dim: int = -1, rounding: str = "rtn", prescal
         return quantize_reference(x, dim, rounding, prescale, g, signs, _as_int(seed), _as_int(offset))
     sig_in, sig_out = _prepare_signs(signs, g, x.device)
 
-    def result(data, scales):
+    def result(data, scales, swz=None):
         return MXFP4Tensor(data=data, scales=scales, prescale=p, dim=dim, shape=tuple(x.shape), rht_block=g,
-                           signs=sig_in if sig_in is not None else sig_out)
+                           signs=sig_in if sig_in is not None else sig_out, swizzled_scales=swz)
 
     if nd == 2 and x.shape[0] > 1 and x.stride(0) == 1 and not x.is_contiguous():
         # x = base.t() with base [C, R] row-major: quantizing x along dim 1 is the column kernel on base
@@ -194,15 +212,16 @@ def quantize_cuda(x: torch.Tensor, dim: int = -1, rounding: str = "rtn", prescal
         base = _row_major_copy(x.t(), sz)
         if dim == 1:
             data, scales = _outputs(x.shape[0], x.shape[1], g, x.device)
-            _launch(COL, base, g, sr, p, seed, col=(data, scales, sig_in, sig_out, offset))
-            return result(data, scales)
+            swz = _swizzled(x.shape[0], x.shape[1], g, x.device, swizzle)
+            _launch(COL, base, g, sr, p, seed, col=(data, scales, sig_in, sig_out, offset, swz))
+            return result(data, scales, swz)
         data, scales = _outputs(x.shape[1], x.shape[0], g, x.device)
-        _launch(ROW, base, g, sr, p, seed, row=(data, scales, sig_in, sig_out, offset))
+        _launch(ROW, base, g, sr, p, seed, row=(data, scales, sig_in, sig_out, offset, None))
         return result(data.t().contiguous(), scales.t().contiguous())
     if nd == 2 and dim == 0:
         base = _row_major_copy(x, sz)  # [T, N] quantized along T: the column kernel, outputs transposed back
         data, scales = _outputs(x.shape[1], x.shape[0], g, x.device)
-        _launch(COL, base, g, sr, p, seed, col=(data, scales, sig_in, sig_out, offset))
+        _launch(COL, base, g, sr, p, seed, col=(data, scales, sig_in, sig_out, offset, None))
         return result(data.t().contiguous(), scales.t().contiguous())
     if dim == nd - 1:
         if not x.is_contiguous() or x.data_ptr() % 16:
@@ -214,16 +233,18 @@ def quantize_cuda(x: torch.Tensor, dim: int = -1, rounding: str = "rtn", prescal
         k = x.shape[-1]
         base = _row_major_copy(x_c.reshape(-1, k), sz)
         data, scales = _outputs(base.shape[0], k, g, x.device)
-        _launch(ROW, base, g, sr, p, seed, row=(data, scales, sig_in, sig_out, offset))
-        return result(data.reshape(*x.shape[:-1], data.shape[1]), scales.reshape(*x.shape[:-1], scales.shape[1]))
+        swz = _swizzled(base.shape[0], k, g, x.device, swizzle) if nd == 2 else None
+        _launch(ROW, base, g, sr, p, seed, row=(data, scales, sig_in, sig_out, offset, swz))
+        return result(data.reshape(*x.shape[:-1], data.shape[1]), scales.reshape(*x.shape[:-1], scales.shape[1]), swz)
     _warn_once(f"fallback-{nd}-{dim}", f"no kernel for dim {dim} of a {nd}-d tensor; using the PyTorch reference")
     return quantize_reference(x, dim, rounding, prescale, rht_block, signs, _as_int(seed), _as_int(offset))
 
 
 def quantize_dual_cuda(x: torch.Tensor, rounding: str = "sr", prescale: Optional[float] = None, rht_block: int = 0,
                        signs_row: Optional[torch.Tensor] = None, signs_col: Optional[torch.Tensor] = None, seed=0,
-                       offset_row=0, offset_col=0) -> Tuple[MXFP4Tensor, MXFP4Tensor]:
-    """`quantize_dual_reference` on the GPU: one read of x [T, N], both copies written."""
+                       offset_row=0, offset_col=0, swizzle: Optional[bool] = None) -> Tuple[MXFP4Tensor, MXFP4Tensor]:
+    """`quantize_dual_reference` on the GPU: one read of x [T, N], both copies written (with their
+    `swizzled_scales` when `swizzle`, by default on Blackwell)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"quantize_mxfp4_dual needs a 2-d tensor, got {getattr(x, 'shape', type(x).__name__)}")
     check_quantize_args(x, 1, rht_block, signs_row)
@@ -247,17 +268,18 @@ def quantize_dual_cuda(x: torch.Tensor, rounding: str = "sr", prescale: Optional
     cs_in, cs_out = _prepare_signs(signs_col, g, x.device)
     row_data, row_scales = _outputs(t, n, g, x.device)
     col_data, col_scales = _outputs(n, t, g, x.device)
-    row = (row_data, row_scales, rs_in, rs_out, offset_row)
-    col = (col_data, col_scales, cs_in, cs_out, offset_col)
+    row_swz, col_swz = _swizzled(t, n, g, x.device, swizzle), _swizzled(n, t, g, x.device, swizzle)
+    row = (row_data, row_scales, rs_in, rs_out, offset_row, row_swz)
+    col = (col_data, col_scales, cs_in, cs_out, offset_col, col_swz)
     if _ext.tile_shape(_DTYPE_CODES[x.dtype], g, DUAL)[0]:
         _launch(DUAL, base, g, sr, p, seed, row=row, col=col)
     else:  # no fused tile (float32 with g = 256): two reads
         _launch(ROW, base, g, sr, p, seed, row=row)
         _launch(COL, base, g, sr, p, seed, col=col)
     rowwise = MXFP4Tensor(data=row_data, scales=row_scales, prescale=p, dim=1, shape=(t, n), rht_block=g,
-                          signs=rs_in if rs_in is not None else rs_out)
+                          signs=rs_in if rs_in is not None else rs_out, swizzled_scales=row_swz)
     colwise = MXFP4Tensor(data=col_data, scales=col_scales, prescale=p, dim=1, shape=(n, t), rht_block=g,
-                          signs=cs_in if cs_in is not None else cs_out)
+                          signs=cs_in if cs_in is not None else cs_out, swizzled_scales=col_swz)
     return rowwise, colwise
 
 

@@ -292,3 +292,21 @@ def test_auto_picks_cuda_and_backward_dual_matches_reference():
         for t in (w.t(), x.t()):
             kw = dict(rounding="sr", rht_block=64, signs=signs_for(64, 1), seed=SEED, offset=3)
             assert_same(quantize_mxfp4(t, -1, **kw), quantize_reference(t, -1, **kw), "backward operand")
+
+
+@pytest.mark.parametrize("shape", [(256, 4096), (300, 100), (72, 544)])
+def test_swizzled_scales_for_blackwell(shape):
+    """The scales written again, in the same pass, in the 128×4 layout of Blackwell's block-scaled GEMMs:
+    equal to `blackwell_scale_layout` of the plain scales (rowwise, transposed view, dual). Runs on any GPU
+    (the layout is plain stores); only its consumer needs Blackwell."""
+    from megatron_mxfp4.ops.layouts import blackwell_scale_layout
+
+    x = sample(shape, torch.bfloat16, seed=shape[1])
+    kw = dict(rounding="sr", rht_block=64, seed=SEED, offset=5, swizzle=True)
+    for q in (cq.quantize_cuda(x, -1, **kw), cq.quantize_cuda(x.t().contiguous().t(), -1, **kw)):
+        assert torch.equal(q.swizzled_scales, blackwell_scale_layout(q.scales))
+    row, col = cq.quantize_dual_cuda(x, rounding="sr", rht_block=64, seed=SEED, offset_row=1, offset_col=2,
+                                     swizzle=True)
+    assert torch.equal(row.swizzled_scales, blackwell_scale_layout(row.scales))
+    assert torch.equal(col.swizzled_scales, blackwell_scale_layout(col.scales))
+    assert cq.quantize_cuda(x, -1, **dict(kw, swizzle=False)).swizzled_scales is None
