@@ -7,6 +7,7 @@ without torch (see tests/test_csrc_compile.py).
 Environment:
   MXFP4_CUDA_ARCHS  semicolon-separated GPU targets, default "80;90a;100a" (a target that this
                     nvcc does not know is dropped with a message); e.g. "90a" for an H100/H200 only.
+  MXFP4_NVCC_FLAGS  extra nvcc flags (kernel variants for measurements, e.g. -DMXFP4_G64_ELEMENTS=32).
 """
 from __future__ import annotations
 
@@ -73,6 +74,7 @@ def extensions():
         EXT_NAME,
         sources=sources(),
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS + gencode_flags(archs)},
+        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS + os.environ.get("MXFP4_NVCC_FLAGS", "").split()
+                                                 + gencode_flags(archs)},
     )
     return [ext], {"build_ext": BuildExtension}
