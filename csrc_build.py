@@ -7,7 +7,7 @@ without torch (see tests/test_csrc_compile.py).
 Environment:
   MXFP4_CUDA_ARCHS  semicolon-separated GPU targets, default "80;90a;100a" (a target that this
                     nvcc does not know is dropped with a message); e.g. "90a" for an H100/H200 only.
-  MXFP4_NVCC_FLAGS  extra nvcc flags (kernel variants for measurements, e.g. -DMXFP4_G64_ELEMENTS=32).
+  MXFP4_NVCC_FLAGS  extra nvcc flags (kernel variants for measurements, e.g. -D macros of csrc/).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 # Compare compile-time variants of the quantize kernels on one GPU: for each "NAME=NVCC_FLAGS" argument the
 # extension is rebuilt in place with those flags (MXFP4_NVCC_FLAGS), the kernel tests for g <= 64 run, and
 # bench/quantize.py --quick writes $OUT/quantize-NAME.{json,md}. The last variant stays built.
-#   bash bench/quantize_variants.sh base= narrow=-DMXFP4_G64_ELEMENTS=32
+#   bash bench/quantize_variants.sh base= other=-DSOME_MACRO=1
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-bench/results}

@@ -44,11 +44,6 @@ namespace mxfp4 {
 namespace detail {
 
 constexpr int kThreads = 256;
-// Elements a thread owns along the quantized dimension for g = 64: 64 (the whole g-block in registers) or 32
-// (two lanes per g-block, one shuffle stage of the FWHT, but few enough registers for three CTAs per SM).
-#ifndef MXFP4_G64_ELEMENTS
-#define MXFP4_G64_ELEMENTS 64
-#endif
 constexpr uint32_t kPhiloxM0 = 0xD2511F53u;
 constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
 constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;
@@ -65,9 +60,7 @@ template <> struct InType<__half> { static constexpr DType kCode = kFloat16; };
 // dimension (one or two MX blocks), NSEG = threads (lanes of one warp) sharing one g-block.
 template <int G, int MODE, int SZ>
 struct Geometry {
-  static constexpr int E = G >= 128 ? 64 : (G == 64 ? MXFP4_G64_ELEMENTS : 32);
-  // CTAs per SM the kernel is compiled for: 32 elements per thread fit three (80 registers), 64 two.
-  static constexpr int MIN_BLOCKS = E == 32 ? 3 : 2;
+  static constexpr int E = G >= 64 ? 64 : 32;
   static constexpr int GB = G > 0 ? G : E;
   static constexpr int NSEG = GB / E;
   static constexpr int TR = MODE == kRow ? 64 : (GB > 64 ? GB : 64);
@@ -377,7 +370,7 @@ __device__ __forceinline__ void load_tile(const QuantizeParams& p, int64_t tile,
 }
 
 template <typename T, int G, int MODE, bool SR>
-__global__ void __launch_bounds__(kThreads, (Geometry<G, MODE, sizeof(T)>::MIN_BLOCKS)) quantize_kernel(const QuantizeParams p) {
+__global__ void __launch_bounds__(kThreads, 2) quantize_kernel(const QuantizeParams p) {
   using Geo = Geometry<G, MODE, sizeof(T)>;
   constexpr int E = Geo::E, NSEG = Geo::NSEG, TR = Geo::TR, TC = Geo::TC, CH = Geo::CH, GB = Geo::GB;
   constexpr bool DO_ROW = (MODE & kRow) != 0, DO_COL = (MODE & kCol) != 0, RHT = G > 0;
