@@ -157,14 +157,15 @@ def mxfp4_gemm(a: MXFP4Tensor, b: MXFP4Tensor, out_dtype=torch.float32, backend=
 def fp8_matmul(a: torch.Tensor, b: torch.Tensor, out_dtype=None) -> torch.Tensor:
     """a [M, K] · b [N, K]ᵀ with E4M3 operands under per-tensor current scaling, float32 accumulation.
 
-    Uses `torch._scaled_mm` on GPUs with FP8 tensor cores (sm_89+), the emulated reference elsewhere.
+    Uses `torch._scaled_mm` on GPUs with FP8 tensor cores (sm_89+), the operands cast by the fused kernels of
+    `fp8_cast` (bit-identical to `numerics.fp8.quantize_fp8`), the emulated reference elsewhere.
     """
     out_dtype = out_dtype or a.dtype
     if a.is_cuda and device_capability(a.device) >= (8, 9):
-        from ..numerics.fp8 import quantize_fp8
+        from .fp8_cast import quantize_fp8_any  # imports this module
 
-        qa, sa = quantize_fp8(a)
-        qb, sb = quantize_fp8(b)
+        qa, sa = quantize_fp8_any(a)
+        qb, sb = quantize_fp8_any(b)
         return torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
     if a.is_cuda:
         _warn_once("fp8", f"megatron_mxfp4: {a.device} has no FP8 tensor cores; emulating the FP8 forward")

@@ -1,0 +1,103 @@
+"""Per-tensor current-scaling E4M3 cast in two Triton launches (the FP8 forward's operand cast).
+
+`quantize_fp8_fused(x)` is the compiled twin of `numerics.fp8.quantize_fp8`, bit for bit: one kernel reduces
+amax |x| into a device scalar (float32 bits compared as integers: every |x| is non-negative, so the integer
+order is the float order, and a NaN's bits exceed every finite value's, so NaN propagates as in `amax`), a
+second computes s = amax / 448 (1 when amax is 0 or NaN; an IEEE division) and writes E4M3(x / s) rounded to
+nearest-even, with |x / s| >= 480 giving NaN as torch's cast does (only reachable when amax is NaN, s = 1;
+otherwise |x / s| <= 448). Nothing synchronizes with the host.
+The reference takes about eight element-wise launches per operand.
+
+The weight is cast again in every forward. Reusing its cast across the micro-batches of a step would need to
+know that the weight has not changed, and its autograd version counter does not say so in Megatron: the
+optimizer writes through `.data` and the parameter all-gather writes into the bucket buffer the parameters
+view, neither of which moves the counter (a cache keyed on it would keep a stale weight).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Tuple
+
+import torch
+
+from ..numerics.fp8 import E4M3_MAX, quantize_fp8
+from .dispatch import device_capability
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU installs
+    triton = None
+
+_BLOCK = 4096
+
+
+def supports(x: torch.Tensor) -> Optional[str]:
+    """None when the fused cast can run on x, else the reason."""
+    if triton is None:
+        return "Triton is not installed"
+    if not x.is_cuda:
+        return f"needs a CUDA tensor (tensor is on {x.device})"
+    if device_capability(x.device) < (8, 9):
+        return "E4M3 needs compute capability >= 8.9"
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"casts float32/bfloat16/float16, got {x.dtype}"
+    return None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _amax_kernel(x_ptr, amax_bits_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        a = tl.abs(tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32))
+        bits = a.to(tl.int32, bitcast=True)  # a >= 0 (NaN: positive quiet bits), so int order = float order
+        tl.atomic_max(amax_bits_ptr, tl.max(bits, axis=0))
+
+    @triton.jit
+    def _cast_kernel(x_ptr, amax_bits_ptr, codes_ptr, scale_ptr, n, E4M3_MAX: tl.constexpr, BLOCK: tl.constexpr):
+        amax = tl.load(amax_bits_ptr).to(tl.float32, bitcast=True)
+        s = tl.where(amax > 0, tl.math.div_rn(amax, E4M3_MAX), 1.0)  # 0 or NaN: 1, as in the reference
+        pid = tl.program_id(0)
+        if pid == 0:
+            tl.store(scale_ptr, s)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        y = tl.math.div_rn(tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32), s)
+        y = tl.where(tl.abs(y) >= 480.0, float("nan"), y)  # torch's cast: NaN from 480 up (the cvt saturates)
+        tl.store(codes_ptr + offs, y.to(tl.float8e4nv), mask=mask)
+
+
+def quantize_fp8_fused(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(E4M3 tensor of x's shape, float32 0-d scale) with x ≈ codes · scale: `quantize_fp8` in two launches."""
+    reason = supports(x)
+    if reason is not None:
+        raise RuntimeError(f"megatron_mxfp4 fused FP8 cast: {reason}")
+    xc = x if x.is_contiguous() else x.contiguous()
+    n = xc.numel()
+    amax_bits = torch.zeros((), dtype=torch.int32, device=x.device)
+    codes = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((), dtype=torch.float32, device=x.device)
+    grid = (max(1, triton.cdiv(n, _BLOCK)),)
+    _amax_kernel[grid](xc, amax_bits, n, BLOCK=_BLOCK)
+    _cast_kernel[grid](xc, amax_bits, codes, scale, n, E4M3_MAX=E4M3_MAX, BLOCK=_BLOCK)
+    return codes, scale
+
+
+_warned = set()
+
+
+def quantize_fp8_any(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_fp8_fused` where it runs, else the reference `quantize_fp8` (the same bits; on a GPU with a
+    one-time warning, since it is the slower path)."""
+    reason = supports(x)
+    if reason is None:
+        return quantize_fp8_fused(x)
+    if x.is_cuda and "fallback" not in _warned:
+        _warned.add("fallback")
+        warnings.warn(f"megatron_mxfp4: the FP8 forward casts with PyTorch ops ({reason})", RuntimeWarning,
+                      stacklevel=2)
+    return quantize_fp8(x)
+
+
+__all__ = ["supports", "quantize_fp8_fused", "quantize_fp8_any"]
