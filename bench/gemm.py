@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_mxfp4.numerics.quantize import gemm_alpha, quantize_reference  # noqa: E402
 
-from common import gpu_clocks  # noqa: E402  (bench/common.py)
+from common import gpu_clocks, write_results  # noqa: E402  (bench/common.py)
 
 MODELS = {"1.3b": 2048, "6.7b": 4096}
 METHODS = ["bf16", "fp8_tensor", "fp8_row", "fp8_1x128", "dot_scaled", "hopper_gemm", "hopper", "hopper_acc",
@@ -271,11 +271,7 @@ def main(argv=None):
         text = backward_markdown(rows, cmd, torch.cuda.get_device_name(), gpu_clocks())
         print(text)
         if args.out:
-            os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-            with open(args.out + ".md", "w") as f:
-                f.write(text)
-            with open(args.out + ".json", "w") as f:
-                json.dump(dict(command=cmd, device=torch.cuda.get_device_name(), rows=rows), f, indent=1)
+            write_results(args.out, dict(command=cmd, device=torch.cuda.get_device_name(), rows=rows), text)
         return
     methods = args.methods.split(",")
     signs = torch.where(torch.rand(64, device="cuda") < 0.5, -1.0, 1.0)
@@ -337,15 +333,10 @@ def main(argv=None):
     text = "\n".join(md) + "\n"
     print(text)
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out + ".md", "w") as f:
-            f.write(text)
-        with open(args.out + ".json", "w") as f:
-            json.dump(dict(command=cmd, device=dev, torch=torch.__version__, triton=triton.__version__,
-                           cuda=torch.version.cuda, clocks=clocks, methods=methods,
-                           configs={"fp8_gemm": {str(k): v for k, v in tg.FP8_GEMM_CONFIGS.items()},
-                                    "dot_scaled": tg.DOT_SCALED_CONFIG},
-                           tuning=tuned, summary_vs_bf16=summary, rows=rows), f, indent=1)
+        configs = {"fp8_gemm": {str(k): v for k, v in tg.FP8_GEMM_CONFIGS.items()}, "dot_scaled": tg.DOT_SCALED_CONFIG}
+        write_results(args.out, dict(command=cmd, device=dev, torch=torch.__version__, triton=triton.__version__,
+                                     cuda=torch.version.cuda, clocks=clocks, methods=methods, configs=configs,
+                                     tuning=tuned, summary_vs_bf16=summary, rows=rows), text)
 
 
 if __name__ == "__main__":
