@@ -31,7 +31,6 @@ X [T, in], W [out, in] (what a backward pass costs around the GEMMs as well):
   mxfp4_quant     the three quantize launches of `mxfp4` alone (their share)
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -221,7 +220,7 @@ def backward_rows(models, tokens, log):
             rows.append(row)
             log(f"{model} {layer} [{tokens}x{din}->{dout}] " + " ".join(f"{k}={v:.3f}ms" for k, v in ms.items())
                 + f"  mxfp4 {ms['bf16'] / ms['mxfp4']:.2f}x bf16, fp8 {ms['bf16'] / ms['fp8_tensor']:.2f}x bf16")
-            del dy, x, w, qd, qw, qx, qwt, qdt, qxt
+            fns.clear()  # the closures hold this layer's tensors
             torch.cuda.empty_cache()
     return rows
 
