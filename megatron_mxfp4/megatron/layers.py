@@ -6,9 +6,9 @@ checkpoint layout) plus a keyword `recipe: MXFP4Recipe` (and an optional `layer_
 only `_forward_impl` (a method since core 0.14) to call the project's own autograd Function
 (`function.py`). `recipe=None` is exactly stock Megatron.
 
-- Reduction dims are checked at construction, per TP rank: dgrad reduces over the local output
-  features (`output_size / tp` for column-parallel, `output_size` for row-parallel); wgrad over the
-  tokens, checked at the first forward (the token count is not known earlier).
+- The dgrad reduction dim is checked at construction, per TP rank: the local output features
+  (`output_size / tp` for column-parallel, `output_size` for row-parallel). wgrad reduces over the
+  tokens, any count (0 included: MoE experts): the quantizer zero-pads them (DESIGN §3).
 - Gradient-accumulation fusion is honoured without apex: the layer is built from a shallow copy of
   the config with the flag off (the stock constructor demands apex), and the Function adds the FP32
   wgrad into `weight.main_grad` itself.

@@ -407,8 +407,8 @@ def errors_and_fallbacks():
             128, 64, config=cfg_delay, init_method=init, bias=False, input_is_parallel=True,
             skip_bias_add=False, recipe=ON))
         col = mm.MXFP4ColumnParallelLinear(64, 128, config=cfg, init_method=init, bias=False, recipe=ON).to(DEVICE)
-        x = torch.randn(12, 4, 64, device=DEVICE)  # 48 tokens: not a multiple of 64
-        res["wgrad_tokens"] = _expect(ValueError, lambda: col(x))
+        x = torch.randn(12, 4, 64, device=DEVICE)  # 48 tokens: not a multiple of 64, zero-padded
+        res["wgrad_tokens"] = _expect(ValueError, lambda: col(x)[0].sum().backward())
         x = torch.randn(16, 4, 64, device=DEVICE)
         common = dict(input=x, weight=col.weight, bias=None, gradient_accumulation_fusion=False,
                       allreduce_dgrad=True, sequence_parallel=False, grad_output_buffer=None,
