@@ -506,17 +506,20 @@ def argv_flow():
     return res
 
 
-def main():
+def main(scenarios=None):
+    """Run `scenarios` (name -> function; default: this file's) named on the command line, or all."""
     import faulthandler
+
+    scenarios = SCENARIOS if scenarios is None else scenarios
 
     faulthandler.dump_traceback_later(float(os.environ.get("MXFP4_TEST_HANG_DUMP_S", "240")), exit=True)
     H.init_process_group()
     out_dir = sys.argv[1]
-    names = sys.argv[2:] or list(SCENARIOS)
+    names = sys.argv[2:] or list(scenarios)
     results = {}
     for name in names:
         try:
-            results[name] = SCENARIOS[name]()
+            results[name] = scenarios[name]()
         except Exception:
             results[name] = {"error": traceback.format_exc()}
         torch.distributed.barrier()

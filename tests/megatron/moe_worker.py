@@ -1,0 +1,179 @@
+"""MoE scenarios for the Megatron tests, run in 2 processes like worker.py (which provides the
+process setup, the helpers and `main`):
+
+    python tests/megatron/moe_worker.py OUT_DIR [scenario ...]
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import worker as W  # noqa: E402  (CPU shims, megatron imports, recipes, helpers)
+from worker import DEVICE, IDENTITY, ON, ON32, RANK, equal  # noqa: E402
+
+import dist_helpers as H  # noqa: E402
+import megatron_mxfp4.megatron as mm  # noqa: E402
+from megatron.core import parallel_state as ps  # noqa: E402
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
+from megatron_mxfp4 import MXFP4Recipe  # noqa: E402
+
+SCENARIOS = {}
+EXPERTS = 4
+# tokens per expert in the direct SequentialMLP scenarios: none, one, and counts off the 32/64 grid
+TOKENS = (0, 1, 7, 24)
+MXFP4_LINEARS = (mm.MXFP4ColumnParallelLinear, mm.MXFP4RowParallelLinear)
+
+
+def scenario(fn):
+    SCENARIOS[fn.__name__] = fn
+    return fn
+
+
+def all_ranks(flag: bool) -> bool:
+    """True when `flag` holds on every rank."""
+    t = torch.tensor([int(flag)])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def gather_objects(obj) -> list:
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _moe_gpt(config, recipe=None, layers=None, seed=5):
+    """A tiny MoE GPTModel: megatron-core's local spec (recipe None) or the plugin's spec."""
+    torch.manual_seed(seed)
+    if recipe is None:
+        spec = get_gpt_layer_local_spec(num_experts=EXPERTS)
+    else:
+        spec = mm.get_gpt_layer_spec(recipe, num_experts=EXPERTS)
+    return H.tiny_gpt(config, spec).to(DEVICE)
+
+
+def _grads(model):
+    return {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
+
+
+# ---------------------------------------------------------------- parity with stock megatron-core
+
+@scenario
+def moe_parity():
+    """Tiny MoE GPT (4 experts, top-2, a shared expert): stock local spec vs the plugin spec with
+    quantization off. Loss and every gradient bit-identical (EP 1, EP 2, expert TP 2; MoE with TP > 1
+    needs sequence parallelism, which megatron-core's local LayerNorm lacks); the plugin's
+    state_dict keys are stock's, and its state_dict loads into a stock model that then computes the
+    same loss as the MXFP4 model."""
+    res = {}
+    for name, ep, etp in [("ep1", 1, None), ("ep2", 2, None), ("etp2", 1, 2)]:
+        with H.model_parallel(1, ep, etp):
+            batch = [t.to(DEVICE) for t in H.gpt_batch(seed=RANK)]  # ranks of an EP group see other tokens
+            stock = _moe_gpt(H.tiny_moe_config(ep=ep, etp=etp))
+            plug = _moe_gpt(H.tiny_moe_config(ep=ep, etp=etp), IDENTITY)
+            ls = H.gpt_loss(stock, batch)
+            ls.backward()
+            lp = H.gpt_loss(plug, batch)
+            lp.backward()
+            gs, gp = _grads(stock), _grads(plug)
+            experts = [m for n, m in plug.named_modules() if ".experts.local_experts." in n and isinstance(m, MXFP4_LINEARS)]
+            r = {
+                "loss_equal": all_ranks(equal(ls, lp)),
+                "grads_equal": all_ranks(all(equal(gs[n], gp[n]) for n in gs)),
+                "no_grad": [n for n, g in gs.items() if g is None],
+                "n_expert_linears": len(experts),
+                "expert_calls": sorted({m._mxfp4_calls for m in experts}),
+                "expert_ids": sorted(set().union(*gather_objects({(m.mxfp4_layer_id, m.mxfp4_expert) for m in experts}))),
+                "is_expert": all(m.is_expert for m in experts),
+                "router_stock": all(type(l.mlp.router).__name__ == "TopKRouter" for l in plug.decoder.layers),
+                "keys_equal": all_ranks(list(stock.state_dict()) == list(plug.state_dict())),
+            }
+            # a checkpoint of the MXFP4 model loads into plain megatron-core (forward unquantized: same loss)
+            on = _moe_gpt(H.tiny_moe_config(ep=ep, etp=etp), ON32, seed=9)
+            with torch.no_grad():
+                lo = H.gpt_loss(on, batch)
+                stock.load_state_dict(on.state_dict(), strict=True)
+                r["load_loss_equal"] = all_ranks(equal(H.gpt_loss(stock, batch), lo))
+            res[name] = r
+    return res
+
+
+# ---------------------------------------------------------------- experts with forced token counts
+
+def _experts(recipe, seed=5):
+    """The SequentialMLP of a one-layer MoE GPT built from the plugin spec."""
+    model = _moe_gpt(H.tiny_moe_config(layers=1, shared=0), recipe, seed=seed)
+    return model.decoder.layers[0].mlp.experts
+
+
+def _run_experts(experts, x, tokens):
+    """Forward + backward of the experts on x split by `tokens`; returns (dX, {param: grad})."""
+    for p in experts.parameters():
+        p.grad = None
+    x = x.detach().clone().requires_grad_(True)
+    counts = torch.tensor(tokens)
+    out, _ = experts(x, counts, torch.ones(x.shape[0], device=DEVICE))
+    probe = torch.linspace(-1, 1, out.numel(), device=DEVICE).view_as(out)
+    (out * probe).sum().backward()
+    return x.grad, {n: p.grad for n, p in experts.named_parameters()}
+
+
+def _tokens_input(tokens, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(sum(tokens), 64, generator=g).to(DEVICE)
+
+
+@scenario
+def moe_token_counts():
+    """Experts receiving 0, 1, 7 and 24 tokens (counts forced): with quantization off equal to stock
+    megatron-core bit for bit; with SR + RHT finite gradients of the right shapes, exactly zero for
+    the expert without tokens, close to the exact ones for the others."""
+    res = {}
+    with H.model_parallel(1):
+        x = _tokens_input(TOKENS)
+        dx_s, g_s = _run_experts(_experts(None), x, TOKENS)
+        dx_i, g_i = _run_experts(_experts(IDENTITY), x, TOKENS)
+        res["identity_equal"] = equal(dx_s, dx_i) and all(equal(g_s[n], g_i[n]) for n in g_s)
+        dx_q, g_q = _run_experts(_experts(ON), x, TOKENS)
+        res["shapes"] = dx_q.shape == x.shape and all(g_q[n].shape == g_s[n].shape for n in g_s)
+        res["finite"] = bool(torch.isfinite(dx_q).all()) and all(bool(torch.isfinite(g).all()) for g in g_q.values())
+        res["empty_expert_zero"] = all(bool((g_q[n] == 0).all()) for n in g_q if n.startswith("local_experts.0."))
+        res["rel_err"] = {n: ((g_q[n] - g_s[n]).norm() / g_s[n].norm()).item()
+                          for n in g_q if not n.startswith("local_experts.0.")}
+        res["dx_rel_err"] = ((dx_q - dx_s).norm() / dx_s.norm()).item()
+    return res
+
+
+@scenario
+def moe_unbiased():
+    """SR + RHT expert gradients (dW of FC1/FC2 per expert, dX) averaged over N draws approach the
+    exact ones as 1/sqrt(N); RTN without RHT (deterministic: its error is all bias) is the negative
+    control. Returns, per recipe and gradient, the relative error of one draw and of the mean."""
+    n_draws = 32
+    res = {"n_draws": n_draws}
+    with H.model_parallel(1):
+        tokens = (5, 27, 0, 32)
+        x = _tokens_input(tokens, seed=1)
+        exact_dx, exact = _run_experts(_experts(IDENTITY), x, tokens)
+        exact["dx"] = exact_dx
+        for name, recipe in (("sr", ON), ("rtn", MXFP4Recipe(rounding="rtn", rht_block=0, backend=ON.backend))):
+            experts = _experts(recipe)
+            total, first = None, None
+            for _ in range(n_draws):  # every forward advances the layers' call counters: fresh bits
+                dx, g = _run_experts(experts, x, tokens)
+                g = dict(g, dx=dx)
+                first = first or {n: t.clone() for n, t in g.items()}
+                total = {n: t.double() for n, t in g.items()} if total is None else \
+                    {n: total[n] + g[n].double() for n in g}
+            res[name] = {n: {"single": ((first[n].double() - exact[n].double()).norm() / exact[n].double().norm()).item(),
+                             "mean": ((total[n] / n_draws - exact[n].double()).norm() / exact[n].double().norm()).item()}
+                         for n in exact if not n.startswith("local_experts.2.")}  # expert 2 has no tokens
+    return res
+
+
+if __name__ == "__main__":
+    W.main(SCENARIOS)
