@@ -56,6 +56,12 @@ def _moe_gpt(config, recipe=None, layers=None, seed=5):
     return H.tiny_gpt(config, spec).to(DEVICE)
 
 
+def _seeds_shared(experts) -> list:
+    """For each (layer id, expert) held by both ranks: whether their Philox keys are equal."""
+    a, b = gather_objects({(m.mxfp4_layer_id, m.mxfp4_expert): m._mxfp4_seed for m in experts})
+    return [a[k] == b[k] for k in sorted(set(a) & set(b))]
+
+
 def _grads(model):
     return {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
 
@@ -89,6 +95,7 @@ def moe_parity():
                 "expert_calls": sorted({m._mxfp4_calls for m in experts}),
                 "expert_ids": sorted(set().union(*gather_objects({(m.mxfp4_layer_id, m.mxfp4_expert) for m in experts}))),
                 "is_expert": all(m.is_expert for m in experts),
+                "seeds_shared": _seeds_shared(experts),
                 "router_stock": all(type(l.mlp.router).__name__ == "TopKRouter" for l in plug.decoder.layers),
                 "keys_equal": all_ranks(list(stock.state_dict()) == list(plug.state_dict())),
             }
@@ -172,6 +179,80 @@ def moe_unbiased():
             res[name] = {n: {"single": ((first[n].double() - exact[n].double()).norm() / exact[n].double().norm()).item(),
                              "mean": ((total[n] / n_draws - exact[n].double()).norm() / exact[n].double().norm()).item()}
                          for n in exact if not n.startswith("local_experts.2.")}  # expert 2 has no tokens
+    return res
+
+
+# ---------------------------------------------------------------- expert parallelism
+
+def _expert_grads(model):
+    """{global expert index: {role: dW}} of the first layer's routed experts."""
+    seq = model.decoder.layers[0].mlp.experts
+    first = seq.ep_group.rank() * seq.num_local_experts
+    return {first + i: {r: getattr(e, r).weight.grad.double() for r in ("linear_fc1", "linear_fc2")}
+            for i, e in enumerate(seq.local_experts)}
+
+
+def _ep_model(ep, recipe, ep1_state):
+    """A one-layer MoE GPT at expert-parallel size `ep` with the weights of the EP = 1 model."""
+    import re
+
+    model = _moe_gpt(H.tiny_moe_config(layers=1, ep=ep, shared=0), recipe)
+    first = ps.get_expert_model_parallel_rank() * (EXPERTS // ep)
+    state = {k: ep1_state[re.sub(r"local_experts\.(\d+)\.", lambda m: f"local_experts.{first + int(m.group(1))}.", k)]
+             for k in model.state_dict()}
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _ep_draws(ep, recipe, ep1_state, batch, n):
+    """Expert dW summed over the ranks' losses, averaged over n draws: {expert: {role: dW}} for the
+    experts held here, and the first draw."""
+    model = _ep_model(ep, recipe, ep1_state)
+    total = first = None
+    for _ in range(n):
+        model.zero_grad()
+        H.gpt_loss(model, batch).backward()
+        g = _expert_grads(model)
+        if ep == 1:  # each rank's experts saw its own tokens only: the sum over ranks is the EP = 2 gradient
+            for d in g.values():
+                for t in d.values():
+                    torch.distributed.all_reduce(t)
+        first = first or g
+        total = g if total is None else {e: {r: total[e][r] + g[e][r] for r in g[e]} for e in g}
+    return {e: {r: t / n for r, t in d.items()} for e, d in total.items()}, first
+
+
+@scenario
+def moe_expert_parallel():
+    """One MoE layer with the same weights at EP = 1 and EP = 2 (2 ranks, other tokens per rank; at
+    EP = 1 the expert gradients are summed over the ranks). Quantization off: the same gradients up to
+    float32 summation order. SR + RHT: both means over N draws approach the exact gradient as
+    1/sqrt(N), and so does their difference (EP = 2 equals EP = 1 statistically)."""
+    n = 16
+    res = {"n_draws": n}
+    with H.model_parallel(1):
+        ep1_state = _moe_gpt(H.tiny_moe_config(layers=1, shared=0), IDENTITY, seed=3).state_dict()
+    batch = [t.to(DEVICE) for t in H.gpt_batch(seed=RANK)]
+    exact = {}
+    for ep in (1, 2):
+        with H.model_parallel(1, ep):
+            exact[ep], _ = _ep_draws(ep, IDENTITY, ep1_state, batch, 1)
+    res["exact_max_rel_diff"] = max(((exact[2][e][r] - exact[1][e][r]).norm() / exact[1][e][r].norm()).item()
+                                    for e in exact[2] for r in exact[2][e])
+    mean, single = {}, {}
+    for ep in (1, 2):
+        with H.model_parallel(1, ep):
+            mean[ep], single[ep] = _ep_draws(ep, ON, ep1_state, batch, n)
+
+    def rel(a, b):
+        return (a - b).norm().item() / b.norm().item()
+
+    res["experts"] = {f"{e}.{r}": {"single": rel(single[2][e][r], exact[1][e][r]),
+                                   "mean_ep1": rel(mean[1][e][r], exact[1][e][r]),
+                                   "mean_ep2": rel(mean[2][e][r], exact[1][e][r]),
+                                   "ep2_vs_ep1": rel(mean[2][e][r], mean[1][e][r])}
+                      for e in mean[2] for r in mean[2][e]}
+    res["experts"] = {k: v for d in gather_objects(res["experts"]) for k, v in d.items()}
     return res
 
 

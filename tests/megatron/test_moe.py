@@ -50,3 +50,26 @@ def test_expert_gradients_are_unbiased(moe_results):
         assert e["single"] / e["mean"] > n ** 0.5 / 2, (name, e)
     for name, e in r["rtn"].items():
         assert e["single"] / e["mean"] < 1.5 and e["mean"] > 0.05, (name, e)
+
+
+def test_expert_parallel_2_equals_1_statistically(moe_results):
+    """Same weights at EP = 1 and EP = 2 (tokens differ per rank): exact gradients agree to float32
+    rounding; with SR + RHT both means over N draws are within 2/sqrt(N) of one draw's error from the
+    exact gradient (unbiased: expected 1/sqrt(N)), and within 2·sqrt(2)/sqrt(N) of each other."""
+    r = scenario(moe_results, "moe_expert_parallel")
+    n = r["n_draws"]
+    assert r["exact_max_rel_diff"] < 1e-5, r
+    assert len(r["experts"]) == 8, r  # 4 experts x (FC1, FC2), gathered from both EP ranks
+    for name, e in r["experts"].items():
+        bound = 2 * e["single"] / n ** 0.5
+        assert e["mean_ep1"] < bound and e["mean_ep2"] < bound, (name, e)
+        assert e["ep2_vs_ep1"] < 2 ** 0.5 * bound, (name, e)
+
+
+def test_expert_seeds_follow_the_expert_replica(moe_results):
+    """An expert's Philox key differs between its data-parallel replicas (EP 1 on 2 ranks: other
+    tokens) and is shared by its expert-tensor-parallel shards (expert TP 2: the same tokens)."""
+    r = scenario(moe_results, "moe_parity")
+    assert r["ep1"]["seeds_shared"] and not any(r["ep1"]["seeds_shared"]), r["ep1"]
+    assert r["etp2"]["seeds_shared"] and all(r["etp2"]["seeds_shared"]), r["etp2"]
+    assert r["ep2"]["seeds_shared"] == []  # each rank holds other experts
