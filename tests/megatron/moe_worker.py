@@ -256,5 +256,48 @@ def moe_expert_parallel():
     return res
 
 
+# ---------------------------------------------------------------- launch flags
+
+@scenario
+def moe_argv():
+    """`--mxfp4-backward` with `--num-experts` (and EP 2) through the entry point's argument handling
+    and megatron.training's model builder: MXFP4 experts, a stock router, forward and backward."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.training.models.gpt import GPTModelBuilder
+
+    from megatron_mxfp4 import pretrain_gpt as entry
+
+    argv = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--ffn-hidden-size", "128",
+            "--seq-length", "32", "--max-position-embeddings", "32", "--micro-batch-size", "2",
+            "--global-batch-size", "4", "--train-iters", "2", "--lr", "1e-4", "--mock-data",
+            "--tokenizer-type", "NullTokenizer", "--vocab-size", "128", "--transformer-impl", "local",
+            "--use-cpu-initialization", "--no-gradient-accumulation-fusion", "--disable-bias-linear",
+            "--no-bias-gelu-fusion", "--no-bias-dropout-fusion", "--no-masked-softmax-fusion", "--no-rope-fusion",
+            "--no-persist-layer-norm", "--num-experts", str(EXPERTS), "--moe-router-topk", "2",
+            "--moe-token-dispatcher-type", "allgather", "--expert-model-parallel-size", "2",
+            "--mxfp4-backward", "--mxfp4-moe", "experts", "--mxfp4-backend", ON.backend]
+    old = sys.argv
+    sys.argv = ["pretrain_gpt"] + argv
+    try:
+        args = entry.parse_args()
+    finally:
+        sys.argv = old
+    recipe, model_cfg = entry.build_model_config(args)
+    res = {"moe": recipe.moe}
+    with H.model_parallel(1, 2):
+        model = GPTModelBuilder(model_cfg).build_model(pg_collection=ProcessGroupCollection.use_mpu_process_groups())
+        for hook in model_cfg.pre_wrap_hooks:
+            hook([model])
+        model = model.to(DEVICE)
+        res["classes"] = sorted({f"{n.split('.', 3)[-1].split('.', 1)[-1]}:{type(m).__name__}"
+                                 for n, m in model.named_modules() if n.endswith(("linear_fc1", "linear_fc2", "router"))})
+        res["local_experts"] = len(model.decoder.layers[0].mlp.experts.local_experts)
+        loss = H.gpt_loss(model, [t.to(DEVICE) for t in H.gpt_batch(seed=RANK)])
+        loss.backward()
+        res["grads_finite"] = all_ranks(all(p.grad is not None and bool(torch.isfinite(p.grad).all())
+                                            for p in model.parameters()))
+    return res
+
+
 if __name__ == "__main__":
     W.main(SCENARIOS)

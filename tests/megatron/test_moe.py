@@ -73,3 +73,14 @@ def test_expert_seeds_follow_the_expert_replica(moe_results):
     assert r["ep1"]["seeds_shared"] and not any(r["ep1"]["seeds_shared"]), r["ep1"]
     assert r["etp2"]["seeds_shared"] and all(r["etp2"]["seeds_shared"]), r["etp2"]
     assert r["ep2"]["seeds_shared"] == []  # each rank holds other experts
+
+
+def test_launch_flags_with_num_experts(moe_results):
+    """`--mxfp4-backward --num-experts 4 --expert-model-parallel-size 2` through the entry point and
+    megatron.training's builder: the local experts are MXFP4 linears, the router is stock."""
+    r = scenario(moe_results, "moe_argv")
+    assert r["moe"] == "experts" and r["local_experts"] == 2 and r["grads_finite"], r
+    assert r["classes"] == ["experts.local_experts.0.linear_fc1:MXFP4ColumnParallelLinear",
+                            "experts.local_experts.0.linear_fc2:MXFP4RowParallelLinear",
+                            "experts.local_experts.1.linear_fc1:MXFP4ColumnParallelLinear",
+                            "experts.local_experts.1.linear_fc2:MXFP4RowParallelLinear", "router:TopKRouter"]

@@ -174,3 +174,20 @@ def test_grouped_experts_are_refused_with_the_fix():
 def _linears_attn(spec):
     attn = spec.submodules.self_attention.submodules
     return {"linear_qkv": attn.linear_qkv, "linear_proj": attn.linear_proj}
+
+
+def test_moe_block_spec_of_the_training_path_is_converted():
+    """`--num-experts` in megatron.training builds `get_gpt_decoder_block_spec` (MoE and dense layers
+    by `moe_layer_freq`); the provider converts both kinds of layer."""
+    from dist_helpers import tiny_moe_config
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    cfg = tiny_moe_config(layers=2, moe_layer_freq=[1, 0])
+    provider = mm.MXFP4LayerSpecProvider(R, base=lambda c: get_gpt_decoder_block_spec(
+        c, use_transformer_engine=False, pp_rank=0))
+    moe, dense = provider(cfg).layer_specs
+    assert moe.module is dense.module is mm.MXFP4TransformerLayer
+    assert moe.submodules.mlp.func is MoELayer
+    assert _moe(moe)[1].experts.keywords["submodules"].linear_fc2.module is mm.MXFP4RowParallelLinear
+    assert _linears(dense)["linear_fc1"].module is mm.MXFP4ColumnParallelLinear
