@@ -192,8 +192,8 @@ def _check_experts(spec) -> None:
     if module is not SequentialMLP:
         name = getattr(module, "__name__", repr(module))
         raise ValueError(f"the MoE experts are {name}; the MXFP4 backward covers megatron-core's SequentialMLP "
-                         "experts: build the local spec (moe_grouped_gemm=False with TE) or use recipe moe='none' "
-                         "(--mxfp4-moe none) to keep the experts stock")
+                         "experts: build them without grouped GEMM (moe_grouped_gemm=False, no --moe-grouped-gemm) "
+                         "or keep them stock with recipe moe='none' (--mxfp4-moe none)")
 
 
 def _restore_norms(layer_sub, swaps, path, te_norm) -> None:
