@@ -92,7 +92,6 @@ def quantize_grad_output(dy: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey):
     """dY [T, out] quantized for both GEMMs from one read (the dual kernel): (dgrad operand, along out;
     wgrad operand dYᵀ, along tokens), bit-identical to what `dgrad` and `wgrad` quantize themselves."""
     check_reduction_dim(dy.shape[1], recipe, "dgrad reduction (output features)")
-    check_reduction_dim(dy.shape[0], recipe, "wgrad reduction (tokens = sequence × micro-batch)")
     return quantize_mxfp4_dual(
         dy, rounding=recipe.rounding, rht_block=recipe.effective_rht_block,
         signs_row=_dual_signs(recipe, key, Gemm.DGRAD, dy.device), signs_col=_dual_signs(recipe, key, Gemm.WGRAD, dy.device),
@@ -145,7 +144,6 @@ def wgrad(dy: torch.Tensor, x: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey
     if recipe.backward_format == "fp8":
         od = torch.float32 if accumulate_into is not None else out_dtype
         return _accumulate(fp8_matmul(dy.t().contiguous(), x.t().contiguous(), out_dtype=od), accumulate_into)
-    check_reduction_dim(dy.shape[0], recipe, "wgrad reduction (tokens = sequence × micro-batch)")
     signs = qdy.signs if qdy is not None else gemm_signs(recipe, key, Gemm.WGRAD, dy.device)
     a = qdy if qdy is not None else _quantize(dy.t(), recipe, key, Gemm.WGRAD, Operand.GRAD_OUTPUT, signs)
     b = _quantize(x.t(), recipe, key, Gemm.WGRAD, Operand.INPUT, signs)

@@ -59,7 +59,11 @@ def _error_stats(exact: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
 
 def _operand_stats(x: torch.Tensor, signs: Optional[torch.Tensor], codes: torch.Tensor) -> torch.Tensor:
     """[clip_frac, zero_frac] as a float64 tensor on x's device (see `operand_stats`)."""
-    y = x.to(torch.float32)
+    # K zero-padded to the quantizer's multiple of max(32, g) (DESIGN §3), the codes cut or padded to it
+    step = max(fmt.BLOCK, 0 if signs is None else signs.numel())
+    k = -(-x.shape[-1] // step) * step
+    y = torch.nn.functional.pad(x.to(torch.float32), (0, k - x.shape[-1]))
+    codes = torch.nn.functional.pad(codes[..., :k], (0, k - min(k, codes.shape[-1])))
     if signs is not None:
         y = apply_rht(y, signs)
     blocks = y.reshape(y.shape[0], -1, fmt.BLOCK)

@@ -9,6 +9,7 @@ from .ops.dispatch import BACKENDS
 
 FORWARDS = ("bf16", "fp8")
 BACKWARD_FORMATS = ("mxfp4", "fp8")
+MOE_MODES = ("experts", "none")
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ class MXFP4Recipe:
     bf16_first_layers / bf16_last_layers: keep the first / last N transformer layers entirely in
         the unquantized path (forward and backward).
     lm_head: also quantize the backward of the LM head (output layer); off by default.
+    moe: in a Mixture-of-Experts layer, "experts" quantizes the routed experts' FC1/FC2 and the
+        shared experts like a dense MLP; "none" keeps the whole MoE block unquantized. The router
+        is never quantized.
 
     Baseline option: backward_format "fp8" runs the selected backward GEMMs in FP8 E4M3 with
     per-tensor current scaling instead of MXFP4 (rounding / RHT then do not apply): the FP8 arm
@@ -45,6 +49,7 @@ class MXFP4Recipe:
     bf16_last_layers: int = 0
     lm_head: bool = False
     backward_format: str = "mxfp4"
+    moe: str = "experts"
 
     def __post_init__(self):
         if self.rounding not in ROUNDINGS:
@@ -65,6 +70,8 @@ class MXFP4Recipe:
         if self.backward_format not in BACKWARD_FORMATS:
             raise ValueError(f"MXFP4Recipe.backward_format must be one of {BACKWARD_FORMATS}, "
                              f"got {self.backward_format!r}")
+        if self.moe not in MOE_MODES:
+            raise ValueError(f"MXFP4Recipe.moe must be one of {MOE_MODES}, got {self.moe!r}")
         if not isinstance(self.lm_head, bool):
             raise ValueError(f"MXFP4Recipe.lm_head must be a bool, got {self.lm_head!r}")
 

@@ -35,6 +35,20 @@ def test_operand_stats_count_clipping_blocks_and_flushes():
     assert zero == pytest.approx(7 / 128)
 
 
+
+def test_operand_stats_of_a_zero_padded_reduction():
+    """K = 40 (an expert's token count): padded to the RHT block like the quantizer pads it (DESIGN §3)."""
+    from megatron_mxfp4.numerics.rht import draw_signs
+
+    x = torch.ones(2, 40)
+    x[0, 0] = 7.0
+    signs = draw_signs(64, 1, 2)
+    q = quantize_mxfp4(x, rounding="rtn", rht_block=64, signs=signs)
+    clip, zero = operand_stats(x, signs, q.codes())
+    assert 0 <= clip <= 1 and 0 <= zero < 1
+    assert operand_stats(x, None, quantize_mxfp4(x, rounding="rtn").codes()) == (0.25, 0.0)  # 1 of 2 x 2 blocks
+
+
 def _feed(mon, snrs):
     for snr in snrs:
         if mon.sampling:

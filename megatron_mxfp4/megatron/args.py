@@ -13,7 +13,7 @@ from typing import Optional
 from ..numerics.quantize import ROUNDINGS
 from ..numerics.rht import SIGN_POLICIES
 from ..ops.dispatch import BACKENDS
-from ..recipe import BACKWARD_FORMATS, FORWARDS, MXFP4Recipe
+from ..recipe import BACKWARD_FORMATS, FORWARDS, MOE_MODES, MXFP4Recipe
 
 GEMMS = ("dgrad", "wgrad", "both")
 _DEFAULT = MXFP4Recipe()
@@ -81,6 +81,10 @@ def add_mxfp4_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="keep the last N transformer layers unquantized (default: 0)")
     g.add_argument("--mxfp4-lm-head", action="store_true",
                    help="also run the LM head's backward GEMMs in MXFP4 (default: BF16)")
+    g.add_argument("--mxfp4-moe", choices=MOE_MODES, default=_DEFAULT.moe,
+                   help="with --num-experts: 'experts' runs the routed and shared experts' backward GEMMs in "
+                        "MXFP4, 'none' keeps the MoE block in BF16; the router is never quantized "
+                        f"(default: {_DEFAULT.moe})")
     return parser
 
 
@@ -109,4 +113,5 @@ def recipe_from_args(args) -> Optional[MXFP4Recipe]:
         bf16_last_layers=args.mxfp4_bf16_last_layers,
         lm_head=bool(args.mxfp4_lm_head),
         backward_format=args.mxfp4_backward_format,
+        moe=args.mxfp4_moe,
     )

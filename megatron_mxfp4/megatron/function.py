@@ -83,10 +83,6 @@ class MXFP4ParallelLinearFunction(torch.autograd.Function):
             total_input, _ = _all_gather_sequence(input, tp_group, async_op=False)
         else:
             total_input = input
-        if recipe.wgrad and wgrad_needed:  # the token count is known now: fail before any backward
-            bwd.check_reduction_dim(total_input.numel() // total_input.shape[-1], recipe,
-                                    f"{name}: wgrad reduction (tokens = sequence x micro-batch"
-                                    f"{', gathered over TP' if sequence_parallel else ''})")
         if recipe.forward == "bf16":
             output = torch.matmul(total_input, weight.t())  # exactly Megatron's forward GEMM
         else:

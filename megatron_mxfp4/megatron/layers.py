@@ -6,9 +6,9 @@ checkpoint layout) plus a keyword `recipe: MXFP4Recipe` (and an optional `layer_
 only `_forward_impl` (a method since core 0.14) to call the project's own autograd Function
 (`function.py`). `recipe=None` is exactly stock Megatron.
 
-- Reduction dims are checked at construction, per TP rank: dgrad reduces over the local output
-  features (`output_size / tp` for column-parallel, `output_size` for row-parallel); wgrad over the
-  tokens, checked at the first forward (the token count is not known earlier).
+- The dgrad reduction dim is checked at construction, per TP rank: the local output features
+  (`output_size / tp` for column-parallel, `output_size` for row-parallel). wgrad reduces over the
+  tokens, any count (0 included: MoE experts): the quantizer zero-pads them (DESIGN §3).
 - Gradient-accumulation fusion is honoured without apex: the layer is built from a shallow copy of
   the config with the flag off (the stock constructor demands apex), and the Function adds the FP32
   wgrad into `weight.main_grad` itself.
@@ -16,8 +16,10 @@ only `_forward_impl` (a method since core 0.14) to call the project's own autogr
   params) go to the stock path with a one-time warning; `delay_wgrad_compute` is rejected.
 - Randomness: a Philox stream keyed by `derive_seed(recipe.seed, data-parallel rank)` (identical on
   the tensor-parallel ranks of a replica, decorrelated across replicas), the layer id and a per-layer
-  call counter. Megatron's and PyTorch's generators are never touched, so dropout masks are the
-  same with and without the plugin.
+  call counter. An expert linear (`is_expert`, built by megatron-core's MoE experts) uses its
+  expert-data-parallel rank instead (expert-tensor-parallel ranks share the bits) and, once the
+  transformer layer has told it, its global expert index (`expert_seed`). Megatron's and PyTorch's
+  generators are never touched, so dropout masks are the same with and without the plugin.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ from megatron.core.tensor_parallel import layers as _mcore_layers  # noqa: E402
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear  # noqa: E402
 
 from .. import backward as bwd  # noqa: E402
-from ..numerics.streams import derive_seed  # noqa: E402
+from ..numerics.streams import derive_seed, expert_seed  # noqa: E402
 from ..recipe import MXFP4Recipe  # noqa: E402
 from .function import mxfp4_parallel_linear  # noqa: E402
 
@@ -78,6 +80,18 @@ def data_parallel_rank() -> int:
     return ps.get_data_parallel_rank(with_context_parallel=True)
 
 
+def expert_data_parallel_rank() -> int:
+    """The rank among the replicas of an expert shard (they see different tokens), folded into an
+    expert linear's Philox seed."""
+    from megatron.core import parallel_state as ps
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 0
+    if not ps.model_parallel_is_initialized():
+        return torch.distributed.get_rank()
+    return ps.get_expert_data_parallel_rank()
+
+
 class _MXFP4ParallelMixin:
     """What the column- and row-parallel variants share."""
 
@@ -93,6 +107,7 @@ class _MXFP4ParallelMixin:
         self.recipe = recipe
         self.mxfp4_name = self._mxfp4_name(name)
         self.mxfp4_layer_id = next(_standalone_ids) if layer_id is None else int(layer_id)
+        self.mxfp4_expert = None  # global index of a routed expert (set by MXFP4TransformerLayer)
         if not 0 <= self.mxfp4_layer_id < (1 << 16):
             raise ValueError(f"{self.mxfp4_name}: layer_id must be in [0, 65536), got {layer_id}")
         self._mxfp4_calls = 0
@@ -107,10 +122,10 @@ class _MXFP4ParallelMixin:
         return name or f"{type(self).__name__}({self.input_size}, {self.output_size})"
 
     def set_mxfp4(self, recipe: Optional[MXFP4Recipe], layer_id: Optional[int] = None,
-                  name: Optional[str] = None) -> None:
-        """Re-configure after construction (used by the spec's transformer layer for layer ids and
-        the BF16 first/last layers). A layer built with emulated fusion keeps a recipe (unquantized
-        if needed): the stock path would need apex."""
+                  name: Optional[str] = None, expert: Optional[int] = None) -> None:
+        """Re-configure after construction (used by the spec's transformer layer for layer ids, the
+        global index of a routed expert and the BF16 first/last layers). A layer built with emulated
+        fusion keeps a recipe (unquantized if needed): the stock path would need apex."""
         if recipe is None and self._emulated_fusion:
             raise ValueError(f"{self.mxfp4_name}: built with gradient-accumulation fusion but without apex; "
                              "it cannot return to the stock path (use unquantized(recipe))")
@@ -124,11 +139,20 @@ class _MXFP4ParallelMixin:
             self.mxfp4_layer_id = int(layer_id)
         if name is not None:
             self.mxfp4_name = name
+        if expert is not None:
+            if not self.is_expert:
+                raise ValueError(f"{self.mxfp4_name}: an expert index for a linear built with is_expert=False")
+            self.mxfp4_expert = int(expert)
         self._mxfp4_seed = None
 
     def _stream_key(self) -> bwd.StreamKey:
         if self._mxfp4_seed is None:
-            self._mxfp4_seed = derive_seed(self.recipe.seed, data_parallel_rank())
+            if not self.is_expert:
+                self._mxfp4_seed = derive_seed(self.recipe.seed, data_parallel_rank())
+            elif self.mxfp4_expert is None:  # a standalone expert linear: its own layer id
+                self._mxfp4_seed = derive_seed(self.recipe.seed, expert_data_parallel_rank())
+            else:
+                self._mxfp4_seed = expert_seed(self.recipe.seed, expert_data_parallel_rank(), self.mxfp4_expert)
         key = bwd.StreamKey(self._mxfp4_seed, self.mxfp4_layer_id, self._mxfp4_calls, name=self.mxfp4_name)
         self._mxfp4_calls += 1
         return key

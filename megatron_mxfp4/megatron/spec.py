@@ -2,8 +2,7 @@
 
 `swap_linear_specs(spec, recipe)` walks any megatron-core spec tree (ModuleSpec, submodule
 dataclasses, `functools.partial` — the MLP is a partial since core 0.18 —, lists) and replaces the
-four decoder linears (`linear_qkv`, `linear_proj`, `linear_fc1`, `linear_fc2`; MoE experts are
-left alone):
+four decoder linears (`linear_qkv`, `linear_proj`, `linear_fc1`, `linear_fc2`):
 
   ColumnParallelLinear, TEColumnParallelLinear, TELayerNormColumnParallelLinear -> MXFP4ColumnParallelLinear
   RowParallelLinear, TERowParallelLinear                                        -> MXFP4RowParallelLinear
@@ -13,6 +12,12 @@ restored in the layer (`input_layernorm` / `pre_mlp_layernorm` become TENorm) an
 key map of the local spec is kept. `TransformerLayer` becomes `MXFP4TransformerLayer`, which gives
 each MXFP4 linear its Philox layer id from the global layer number (the same on every rank) and
 keeps the recipe's first/last N layers unquantized.
+
+MoE layers (`num_experts=N`): with `recipe.moe == "experts"` the FC1/FC2 of the routed experts
+(megatron-core's `SequentialMLP`, the local spec's experts; with the local spec `moe_grouped_gemm`
+also gives `SequentialMLP`) and of the shared experts are swapped; the router (a plain parameter,
+not a parallel linear) is never touched. Grouped-GEMM experts (TE's `TEGroupedMLP`) are refused with
+the fix. `recipe.moe == "none"` leaves the whole MoE block stock.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ require_megatron_core()
 from megatron.core.tensor_parallel import layers as _mcore_layers  # noqa: E402
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear  # noqa: E402
 from megatron.core.transformer.identity_op import IdentityOp  # noqa: E402
+from megatron.core.transformer.moe.experts import SequentialMLP  # noqa: E402
 from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
 from megatron.core.transformer.transformer_layer import TransformerLayer  # noqa: E402
 
@@ -43,8 +49,9 @@ from .layers import (  # noqa: E402
 )
 
 LINEAR_FIELDS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
-_SKIP_FIELDS = ("experts",)  # MoE experts: token counts per expert vary, not covered
-_LAYER_SLOTS = 8  # MXFP4 linears per transformer layer (ids 8·layer_number + slot)
+MOE_FIELDS = ("experts", "shared_experts")  # MoESubmodules fields that `recipe.moe` governs
+EXPERT_ROLES = ("linear_fc1", "linear_fc2")  # the linears of a routed expert's MLP
+_LAYER_SLOTS = 8  # Philox layer ids per transformer layer (ids 8·layer_number + slot)
 
 
 def _te_classes():
@@ -69,29 +76,56 @@ def _same(a, b) -> bool:
     return a is b
 
 
+def _routed_experts(layer):
+    """[(name relative to the layer, role, global expert index, linear)] of the MXFP4 linears of the
+    layer's routed experts."""
+    out = []
+    for rel, seq in layer.named_modules():
+        if not isinstance(seq, SequentialMLP):
+            continue
+        first = seq.ep_group.rank() * seq.num_local_experts  # Megatron's local -> global expert map
+        for i, mlp in enumerate(seq.local_experts):
+            for role in EXPERT_ROLES:
+                m = getattr(mlp, role, None)
+                if isinstance(m, _MXFP4ParallelMixin):
+                    out.append((f"{rel}.{first + i}.{role}", role, first + i, m))
+    return out
+
+
 class MXFP4TransformerLayer(TransformerLayer):
     """`TransformerLayer` that binds its MXFP4 linears to the global layer number: Philox layer id
     8·layer_number + slot (MTP layers are numbered after the decoder's), and the recipe's
-    `bf16_first_layers` / `bf16_last_layers` run unquantized."""
+    `bf16_first_layers` / `bf16_last_layers` run unquantized. The routed experts take one slot per
+    role (FC1, FC2) after the other linears and their global expert index (folded into the key), so
+    the ids do not depend on the number of experts."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         number = self.layer_number + (self.config.num_layers if getattr(self, "is_mtp_layer", False) else 0)
-        linears = [(n, m) for n, m in self.named_modules() if isinstance(m, _MXFP4ParallelMixin)]
-        if len(linears) > _LAYER_SLOTS:
-            raise ValueError(f"a transformer layer holds {len(linears)} MXFP4 linears; at most {_LAYER_SLOTS} "
-                             "get distinct random streams")
+        experts = _routed_experts(self)
+        expert_linears = {id(m) for *_, m in experts}
+        dense = [(n, m) for n, m in self.named_modules()
+                 if isinstance(m, _MXFP4ParallelMixin) and id(m) not in expert_linears]
+        roles = sorted({role for _, role, _, _ in experts}, key=EXPERT_ROLES.index)
+        if len(dense) + len(roles) > _LAYER_SLOTS:
+            raise ValueError(f"a transformer layer holds {len(dense)} MXFP4 linears and {len(roles)} expert roles; "
+                             f"at most {_LAYER_SLOTS} get distinct random streams")
         if (number + 1) * _LAYER_SLOTS > (1 << 16):
             raise ValueError(f"layer number {number} is too large for the 16-bit Philox layer id")
-        num_layers = self.config.num_layers
-        for slot, (rel, m) in enumerate(linears):
-            recipe = m.recipe
-            if recipe is not None and not getattr(self, "is_mtp_layer", False):
-                if self.layer_number <= recipe.bf16_first_layers or \
-                        self.layer_number > num_layers - recipe.bf16_last_layers:
-                    recipe = unquantized(recipe)
-            # a name unique across layers and ranks (diagnostics, error messages): the global layer index
-            m.set_mxfp4(recipe, layer_id=_LAYER_SLOTS * number + slot, name=f"decoder.layers.{number - 1}.{rel}")
+        slots = [(rel, m, slot, None) for slot, (rel, m) in enumerate(dense)]
+        slots += [(rel, m, len(dense) + roles.index(role), e) for rel, role, e, m in experts]
+        for rel, m, slot, expert in slots:
+            # a name unique across layers and ranks (diagnostics, error messages): the global layer
+            # index and, for an expert, the global expert index
+            m.set_mxfp4(self._layer_recipe(m.recipe), layer_id=_LAYER_SLOTS * number + slot,
+                        name=f"decoder.layers.{number - 1}.{rel}", expert=expert)
+
+    def _layer_recipe(self, recipe: Optional[MXFP4Recipe]) -> Optional[MXFP4Recipe]:
+        if recipe is not None and not getattr(self, "is_mtp_layer", False):
+            if self.layer_number <= recipe.bf16_first_layers or \
+                    self.layer_number > self.config.num_layers - recipe.bf16_last_layers:
+                return unquantized(recipe)
+        return recipe
 
 
 def _linear_spec(cls, recipe: MXFP4Recipe) -> ModuleSpec:
@@ -122,8 +156,11 @@ def swap_linear_specs(spec: Any, recipe: MXFP4Recipe, *, strict: bool = True) ->
             if cls is not None:
                 swapped.append((path, fused_ln))
                 return _linear_spec(cls, recipe)
-        if path and path[-1] in _SKIP_FIELDS:
-            return obj
+        if path and path[-1] in MOE_FIELDS:
+            if recipe.moe == "none":
+                return obj
+            if path[-1] == "experts":
+                _check_experts(obj)
         if isinstance(obj, ModuleSpec):
             module = MXFP4TransformerLayer if obj.module is TransformerLayer else obj.module
             return dataclasses.replace(obj, module=module, params=dict(obj.params),
@@ -147,6 +184,16 @@ def swap_linear_specs(spec: Any, recipe: MXFP4Recipe, *, strict: bool = True) ->
         raise ValueError("swap_linear_specs: the spec holds none of linear_qkv/linear_proj/linear_fc1/linear_fc2 "
                          "as a megatron-core or TE parallel linear; nothing to swap")
     return out
+
+
+def _check_experts(spec) -> None:
+    """Routed experts are covered as megatron-core's `SequentialMLP` (one MLP per local expert)."""
+    module = spec.func if isinstance(spec, functools.partial) else getattr(spec, "module", spec)
+    if module is not SequentialMLP:
+        name = getattr(module, "__name__", repr(module))
+        raise ValueError(f"the MoE experts are {name}; the MXFP4 backward covers megatron-core's SequentialMLP "
+                         "experts: build them without grouped GEMM (moe_grouped_gemm=False, no --moe-grouped-gemm) "
+                         "or keep them stock with recipe moe='none' (--mxfp4-moe none)")
 
 
 def _restore_norms(layer_sub, swaps, path, te_norm) -> None:
@@ -174,7 +221,8 @@ def get_gpt_layer_spec(recipe: MXFP4Recipe, base_spec: Optional[ModuleSpec] = No
 
     base_spec: a spec to convert; by default megatron-core's local spec
     (`get_gpt_layer_local_spec(**spec_kwargs)`), or its TE spec with `transformer_engine=True`
-    (which needs Transformer Engine installed).
+    (which needs Transformer Engine installed). `num_experts=N` gives the MoE layer: its experts
+    follow `recipe.moe` (module docstring).
     """
     if base_spec is None:
         from megatron.core.models.gpt import gpt_layer_specs as specs

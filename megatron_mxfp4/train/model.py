@@ -104,9 +104,14 @@ def seed_all(seed: int, device: str) -> None:
 def transformer_config(cfg, arm: Arm, dtype: torch.dtype, tp: int, sequence_parallel: bool):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    kw = {}
+    kw = {"add_bias_linear": True}
     if arm.te_fp8:
         kw.update(fp8="hybrid", fp8_recipe="tensorwise")
+    if cfg.experts:
+        # the allgather dispatcher runs anywhere (alltoall's needs CUDA streams); no linear biases:
+        # megatron-core 0.19's expert MLP adds its bias in place onto a custom Function's output view
+        kw.update(num_moe_experts=cfg.experts, moe_router_topk=cfg.topk, moe_token_dispatcher_type="allgather",
+                  moe_aux_loss_coeff=1e-2, add_bias_linear=False)
     return TransformerConfig(
         num_layers=cfg.layers, hidden_size=cfg.hidden, num_attention_heads=cfg.heads, ffn_hidden_size=cfg.ffn,
         tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel,
@@ -114,13 +119,13 @@ def transformer_config(cfg, arm: Arm, dtype: torch.dtype, tp: int, sequence_para
         params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=False,
         hidden_dropout=cfg.dropout, attention_dropout=cfg.dropout,
         gradient_accumulation_fusion=False, bias_activation_fusion=False, masked_softmax_fusion=False,
-        bias_dropout_fusion=False, apply_rope_fusion=False, persist_layer_norm=False, add_bias_linear=True,
+        bias_dropout_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
         normalization="LayerNorm", **kw)
 
 
-def layer_spec(arm: Arm, impl: str):
-    """The transformer-layer spec of an arm: megatron-core's local or TE spec, with the plugin's
-    MXFP4 linears swapped in when the arm has a recipe."""
+def layer_spec(arm: Arm, impl: str, num_experts=None):
+    """The transformer-layer spec of an arm: megatron-core's local or TE spec (MoE MLPs with
+    `num_experts`), with the plugin's MXFP4 linears swapped in when the arm has a recipe."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     use_te = impl == "transformer_engine" or arm.te_fp8
@@ -129,10 +134,12 @@ def layer_spec(arm: Arm, impl: str):
         raise RuntimeError(f"{what} needs Transformer Engine (import transformer_engine.pytorch failed); install "
                            "it or drop the arm / use --transformer-impl local")
     if arm.recipe is None:
-        return specs.get_gpt_layer_with_transformer_engine_spec() if use_te else specs.get_gpt_layer_local_spec()
+        if use_te:
+            return specs.get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts)
+        return specs.get_gpt_layer_local_spec(num_experts=num_experts)
     from ..megatron import get_gpt_layer_spec
 
-    return get_gpt_layer_spec(arm.recipe, transformer_engine=use_te)
+    return get_gpt_layer_spec(arm.recipe, transformer_engine=use_te, num_experts=num_experts)
 
 
 def padded_vocab(vocab: int, tp: int, multiple: int = 128) -> int:
@@ -148,7 +155,7 @@ def build_model(cfg, arm: Arm, dist: Dist, dtype: torch.dtype, impl: str, vocab_
     from megatron.core.transformer.module import Float16Module
 
     config = transformer_config(cfg, arm, dtype, dist.tp, sequence_parallel)
-    spec = layer_spec(arm, impl)
+    spec = layer_spec(arm, impl, cfg.experts or None)
     seed_all(seed, dist.device.type)
     gpt = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=padded_vocab(vocab_size, dist.tp),
                    max_sequence_length=cfg.seq_length, position_embedding_type="learned_absolute",
@@ -182,7 +189,7 @@ def copy_initial_values(gpt, cfg, dist: Dist, dtype, vocab_size: int, seed: int)
 
     ref_cfg = transformer_config(cfg, ARMS["bf16"], dtype, dist.tp, False)
     seed_all(seed, dist.device.type)
-    ref = GPTModel(config=ref_cfg, transformer_layer_spec=get_gpt_layer_local_spec(),
+    ref = GPTModel(config=ref_cfg, transformer_layer_spec=get_gpt_layer_local_spec(num_experts=cfg.experts or None),
                    vocab_size=padded_vocab(vocab_size, dist.tp), max_sequence_length=cfg.seq_length,
                    position_embedding_type="learned_absolute", share_embeddings_and_output_weights=True)
     ref_params = dict(ref.named_parameters())

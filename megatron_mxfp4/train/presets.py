@@ -31,6 +31,9 @@ class Config:
     eval_samples: int
     save_interval: int
     log_interval: int
+    # Mixture-of-Experts MLPs (0 = dense): `experts` routed experts of width `ffn`, `topk` per token
+    experts: int = 0
+    topk: int = 2
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -39,9 +42,11 @@ class Config:
         return replace(self, **{k: v for k, v in kw.items() if v is not None})
 
     def params_estimate(self, vocab: int) -> int:
-        """Parameter count of the GPT (tied embeddings, biases, two LayerNorms per layer)."""
-        h, f = self.hidden, self.ffn
-        per_layer = 3 * h * h + 3 * h + h * h + h + h * f + f + f * h + h + 4 * h
+        """Parameter count of the GPT (tied embeddings, two LayerNorms per layer, biases in the dense
+        model; with experts every expert's MLP and the router, no linear biases)."""
+        h, f, b = self.hidden, self.ffn, 0 if self.experts else 1
+        mlp = (2 * h * f + b * (f + h)) * max(1, self.experts) + self.experts * h
+        per_layer = 4 * h * h + b * 4 * h + mlp + 4 * h
         return self.layers * per_layer + vocab * h + self.seq_length * h + 2 * h
 
 
@@ -66,3 +71,6 @@ PRESETS = {
                        weight_decay=0.01, clip_grad=1.0, beta2=0.999, corpus="wiki", split="95,5,0",
                        eval_interval=250, eval_samples=64, save_interval=500, log_interval=10),
 }
+# MoE: the dense presets with 8 experts, top-2, each expert as wide as the dense MLP divided by 4
+PRESETS["tiny-moe"] = replace(PRESETS["tiny"], ffn=128, experts=8, topk=2)  # CPU, minutes
+PRESETS["small-moe"] = replace(PRESETS["small"], ffn=768, experts=8, topk=2)  # GPU

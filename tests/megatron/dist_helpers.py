@@ -27,11 +27,12 @@ def init_process_group() -> None:
 
 
 @contextmanager
-def model_parallel(tp: int):
+def model_parallel(tp: int, ep: int = 1, etp=None):
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import random as tp_random
 
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp)
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
+                                 expert_tensor_parallel_size=etp)
     tp_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
     try:
         yield
@@ -72,7 +73,7 @@ def launch(script: str, args, nproc: int = 2, timeout: float = 900, env_extra=No
 
 
 def tiny_config(tp=1, sp=False, fusion=False, layers=2, dtype=torch.float32, dropout=0.0, hidden=64,
-                ffn=256, heads=4, **kw):
+                ffn=256, heads=4, bias=True, **kw):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     return TransformerConfig(
@@ -81,7 +82,16 @@ def tiny_config(tp=1, sp=False, fusion=False, layers=2, dtype=torch.float32, dro
         perform_initialization=True, params_dtype=dtype, bf16=dtype == torch.bfloat16,
         gradient_accumulation_fusion=fusion, hidden_dropout=dropout, attention_dropout=dropout,
         bias_activation_fusion=False, masked_softmax_fusion=False, bias_dropout_fusion=False,
-        apply_rope_fusion=False, persist_layer_norm=False, add_bias_linear=True, **kw)
+        apply_rope_fusion=False, persist_layer_norm=False, add_bias_linear=bias, **kw)
+
+
+def tiny_moe_config(tp=1, ep=1, etp=None, sp=False, experts=4, topk=2, shared=128, **kw):
+    """A tiny MoE config: `experts` routed experts (top-`topk`), a shared expert of width `shared`
+    (0 = none), the allgather token dispatcher (the alltoall one creates CUDA streams)."""
+    return tiny_config(tp=tp, sp=sp, ffn=128, bias=False, expert_model_parallel_size=ep,
+                       expert_tensor_parallel_size=etp, num_moe_experts=experts,
+                       moe_router_topk=topk, moe_token_dispatcher_type="allgather",
+                       moe_shared_expert_intermediate_size=shared or None, **kw)
 
 
 def tiny_gpt(config, spec, vocab=128, seq=32):

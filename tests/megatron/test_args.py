@@ -25,16 +25,17 @@ def test_every_flag_maps_to_the_recipe():
                                "--mxfp4-rounding", "rtn", "--mxfp4-forward", "fp8", "--mxfp4-gemms", "wgrad",
                                "--mxfp4-seed", "0x10", "--mxfp4-backend", "reference",
                                "--mxfp4-bf16-first-layers", "2", "--mxfp4-bf16-last-layers", "1", "--mxfp4-lm-head",
-                               "--mxfp4-backward-format", "fp8"))
+                               "--mxfp4-backward-format", "fp8", "--mxfp4-moe", "none"))
     assert r == MXFP4Recipe(dgrad=False, wgrad=True, rounding="rtn", rht_block=128, sign_policy="per_layer",
                             forward="fp8", backend="reference", seed=16, bf16_first_layers=2, bf16_last_layers=1,
-                            lm_head=True, backward_format="fp8")
+                            lm_head=True, backward_format="fp8", moe="none")
     assert recipe_from_args(parse("--mxfp4-backward", "--mxfp4-gemms", "dgrad")).wgrad is False
 
 
 @pytest.mark.parametrize("argv", [("--mxfp4-rht-block", "48"), ("--mxfp4-rht-block", "x"), ("--mxfp4-gemms", "all"),
                                   ("--mxfp4-forward", "fp16"), ("--mxfp4-bf16-last-layers", "-1"),
-                                  ("--mxfp4-seed", "-3"), ("--mxfp4-backward-format", "int8")])
+                                  ("--mxfp4-seed", "-3"), ("--mxfp4-backward-format", "int8"),
+                                  ("--mxfp4-moe", "router")])
 def test_bad_values_are_rejected_by_the_parser(argv, capsys):
     with pytest.raises(SystemExit):
         parse("--mxfp4-backward", *argv)

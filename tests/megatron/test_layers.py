@@ -60,7 +60,7 @@ def test_errors_name_the_layer_dimension_and_fix(mcore_results):
     assert r["dgrad_dim_rht32_ok"] == "NO ERROR"
     assert "MXFP4Recipe" in r["bad_recipe"]
     assert "delay_wgrad_compute" in r["delay_wgrad"]
-    assert "wgrad" in r["wgrad_tokens"] and "48" in r["wgrad_tokens"], r["wgrad_tokens"]
+    assert r["wgrad_tokens"] == "NO ERROR"  # any token count: the quantizer zero-pads (DESIGN §3)
 
 
 def test_forward_impl_kwargs_are_checked(mcore_results):

@@ -125,3 +125,69 @@ def test_gpt_model_spec_coverage(mcore_results):
     assert r["head_before"] == "ColumnParallelLinear" and r["head_after"] == "MXFP4ColumnParallelLinear"
     assert r["head_id"] == 1 and r["n_mxfp4"] == 17 and r["calls"] == [1]
     assert r["all_grads_finite"]
+
+
+def _moe(spec):
+    mlp = spec.submodules.mlp
+    return mlp.func, mlp.keywords["submodules"]
+
+
+def test_moe_spec_swaps_routed_and_shared_experts_not_the_router():
+    from megatron.core.transformer.moe.experts import SequentialMLP
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    base_cls, base = _moe(get_gpt_layer_local_spec(num_experts=4))
+    cls, sub = _moe(mm.get_gpt_layer_spec(R, num_experts=4))
+    assert cls is base_cls is MoELayer and sub.router is base.router
+    assert sub.experts.func is SequentialMLP
+    for mlp in (sub.experts.keywords["submodules"], sub.shared_experts.keywords["submodules"]):
+        assert mlp.linear_fc1.module is mm.MXFP4ColumnParallelLinear and mlp.linear_fc1.params == {"recipe": R}
+        assert mlp.linear_fc2.module is mm.MXFP4RowParallelLinear
+    assert base.experts.keywords["submodules"].linear_fc1 is ColumnParallelLinear  # base spec untouched
+    # the local spec has no grouped experts: moe_grouped_gemm also gives SequentialMLP, which is covered
+    assert _moe(mm.get_gpt_layer_spec(R, num_experts=4, moe_grouped_gemm=True))[1].experts.func is SequentialMLP
+
+
+def test_moe_none_keeps_the_moe_block_stock():
+    r = dataclasses.replace(R, moe="none")
+    base = get_gpt_layer_local_spec(num_experts=4)
+    spec = mm.swap_linear_specs(base, r)
+    assert _moe(spec)[1].experts is _moe(base)[1].experts
+    assert _moe(spec)[1].shared_experts is _moe(base)[1].shared_experts
+    assert _linears_attn(spec)["linear_qkv"].module is mm.MXFP4ColumnParallelLinear
+
+
+def test_grouped_experts_are_refused_with_the_fix():
+    class GroupedExperts:  # stands in for TE's TEGroupedMLP (needs TE)
+        pass
+
+    base = get_gpt_layer_local_spec(num_experts=4)
+    cls, sub = _moe(base)
+    spec = dataclasses.replace(base, submodules=dataclasses.replace(
+        base.submodules, mlp=functools.partial(cls, submodules=dataclasses.replace(
+            sub, experts=functools.partial(GroupedExperts, submodules=sub.experts.keywords["submodules"])))))
+    with pytest.raises(ValueError, match="GroupedExperts.*SequentialMLP.*--mxfp4-moe none"):
+        mm.swap_linear_specs(spec, R)
+    assert _moe(mm.swap_linear_specs(spec, dataclasses.replace(R, moe="none")))[1].experts.func is GroupedExperts
+
+
+def _linears_attn(spec):
+    attn = spec.submodules.self_attention.submodules
+    return {"linear_qkv": attn.linear_qkv, "linear_proj": attn.linear_proj}
+
+
+def test_moe_block_spec_of_the_training_path_is_converted():
+    """`--num-experts` in megatron.training builds `get_gpt_decoder_block_spec` (MoE and dense layers
+    by `moe_layer_freq`); the provider converts both kinds of layer."""
+    from dist_helpers import tiny_moe_config
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    cfg = tiny_moe_config(layers=2, moe_layer_freq=[1, 0])
+    provider = mm.MXFP4LayerSpecProvider(R, base=lambda c: get_gpt_decoder_block_spec(
+        c, use_transformer_engine=False, pp_rank=0))
+    moe, dense = provider(cfg).layer_specs
+    assert moe.module is dense.module is mm.MXFP4TransformerLayer
+    assert moe.submodules.mlp.func is MoELayer
+    assert _moe(moe)[1].experts.keywords["submodules"].linear_fc2.module is mm.MXFP4RowParallelLinear
+    assert _linears(dense)["linear_fc1"].module is mm.MXFP4ColumnParallelLinear
