@@ -86,14 +86,16 @@ def moe_parity():
             lp = H.gpt_loss(plug, batch)
             lp.backward()
             gs, gp = _grads(stock), _grads(plug)
-            experts = [m for n, m in plug.named_modules() if ".experts.local_experts." in n and isinstance(m, MXFP4_LINEARS)]
+            experts = [m for n, m in plug.named_modules()
+                       if ".experts.local_experts." in n and isinstance(m, MXFP4_LINEARS)]
             r = {
                 "loss_equal": all_ranks(equal(ls, lp)),
                 "grads_equal": all_ranks(all(equal(gs[n], gp[n]) for n in gs)),
                 "no_grad": [n for n, g in gs.items() if g is None],
                 "n_expert_linears": len(experts),
                 "expert_calls": sorted({m._mxfp4_calls for m in experts}),
-                "expert_ids": sorted(set().union(*gather_objects({(m.mxfp4_layer_id, m.mxfp4_expert) for m in experts}))),
+                "expert_ids": sorted(set().union(*gather_objects({(m.mxfp4_layer_id, m.mxfp4_expert)
+                                                                  for m in experts}))),
                 "is_expert": all(m.is_expert for m in experts),
                 "seeds_shared": _seeds_shared(experts),
                 "router_stock": all(type(l.mlp.router).__name__ == "TopKRouter" for l in plug.decoder.layers),
@@ -129,6 +131,12 @@ def _run_experts(experts, x, tokens):
     return x.grad, {n: p.grad for n, p in experts.named_parameters()}
 
 
+def _rel(a, b) -> float:
+    """‖a − b‖ / ‖b‖ in float64."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
 def _tokens_input(tokens, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(sum(tokens), 64, generator=g).to(DEVICE)
@@ -149,9 +157,8 @@ def moe_token_counts():
         res["shapes"] = dx_q.shape == x.shape and all(g_q[n].shape == g_s[n].shape for n in g_s)
         res["finite"] = bool(torch.isfinite(dx_q).all()) and all(bool(torch.isfinite(g).all()) for g in g_q.values())
         res["empty_expert_zero"] = all(bool((g_q[n] == 0).all()) for n in g_q if n.startswith("local_experts.0."))
-        res["rel_err"] = {n: ((g_q[n] - g_s[n]).norm() / g_s[n].norm()).item()
-                          for n in g_q if not n.startswith("local_experts.0.")}
-        res["dx_rel_err"] = ((dx_q - dx_s).norm() / dx_s.norm()).item()
+        res["rel_err"] = {n: _rel(g_q[n], g_s[n]) for n in g_q if not n.startswith("local_experts.0.")}
+        res["dx_rel_err"] = _rel(dx_q, dx_s)
     return res
 
 
@@ -176,8 +183,7 @@ def moe_unbiased():
                 first = first or {n: t.clone() for n, t in g.items()}
                 total = {n: t.double() for n, t in g.items()} if total is None else \
                     {n: total[n] + g[n].double() for n in g}
-            res[name] = {n: {"single": ((first[n].double() - exact[n].double()).norm() / exact[n].double().norm()).item(),
-                             "mean": ((total[n] / n_draws - exact[n].double()).norm() / exact[n].double().norm()).item()}
+            res[name] = {n: {"single": _rel(first[n], exact[n]), "mean": _rel(total[n] / n_draws, exact[n])}
                          for n in exact if not n.startswith("local_experts.2.")}  # expert 2 has no tokens
     return res
 
@@ -237,20 +243,16 @@ def moe_expert_parallel():
     for ep in (1, 2):
         with H.model_parallel(1, ep):
             exact[ep], _ = _ep_draws(ep, IDENTITY, ep1_state, batch, 1)
-    res["exact_max_rel_diff"] = max(((exact[2][e][r] - exact[1][e][r]).norm() / exact[1][e][r].norm()).item()
-                                    for e in exact[2] for r in exact[2][e])
+    res["exact_max_rel_diff"] = max(_rel(exact[2][e][r], exact[1][e][r]) for e in exact[2] for r in exact[2][e])
     mean, single = {}, {}
     for ep in (1, 2):
         with H.model_parallel(1, ep):
             mean[ep], single[ep] = _ep_draws(ep, ON, ep1_state, batch, n)
 
-    def rel(a, b):
-        return (a - b).norm().item() / b.norm().item()
-
-    res["experts"] = {f"{e}.{r}": {"single": rel(single[2][e][r], exact[1][e][r]),
-                                   "mean_ep1": rel(mean[1][e][r], exact[1][e][r]),
-                                   "mean_ep2": rel(mean[2][e][r], exact[1][e][r]),
-                                   "ep2_vs_ep1": rel(mean[2][e][r], mean[1][e][r])}
+    res["experts"] = {f"{e}.{r}": {"single": _rel(single[2][e][r], exact[1][e][r]),
+                                   "mean_ep1": _rel(mean[1][e][r], exact[1][e][r]),
+                                   "mean_ep2": _rel(mean[2][e][r], exact[1][e][r]),
+                                   "ep2_vs_ep1": _rel(mean[2][e][r], mean[1][e][r])}
                       for e in mean[2] for r in mean[2][e]}
     res["experts"] = {k: v for d in gather_objects(res["experts"]) for k, v in d.items()}
     return res
@@ -290,7 +292,8 @@ def moe_argv():
             hook([model])
         model = model.to(DEVICE)
         res["classes"] = sorted({f"{n.split('.', 3)[-1].split('.', 1)[-1]}:{type(m).__name__}"
-                                 for n, m in model.named_modules() if n.endswith(("linear_fc1", "linear_fc2", "router"))})
+                                 for n, m in model.named_modules()
+                                 if n.endswith(("linear_fc1", "linear_fc2", "router"))})
         res["local_experts"] = len(model.decoder.layers[0].mlp.experts.local_experts)
         loss = H.gpt_loss(model, [t.to(DEVICE) for t in H.gpt_batch(seed=RANK)])
         loss.backward()
