@@ -20,6 +20,7 @@ import shlex
 import sys
 import time
 
+from ._warnings import quiet_third_party
 from .arms import ARMS, arms_table, parse_arms, parse_seeds
 from .presets import FIELDS, PRESETS
 
@@ -132,6 +133,7 @@ def _check_run_folder(out: str, meta: dict) -> None:
 
 
 def main(argv=None):
+    quiet_third_party()
     ap = build_parser()
     args = ap.parse_args(argv)
     if args.list_arms:

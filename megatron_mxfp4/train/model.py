@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -29,9 +28,6 @@ def import_megatron():
         from .. import megatron as plugin  # noqa: F401  (requires megatron-core, shims typing.override)
     except ImportError as e:
         raise ImportError(f"mxfp4-train needs megatron-core: {e}") from e
-    warnings.filterwarnings("ignore", message=".*GPTModel IS DEPRECATED.*")
-    warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     return plugin
 
 
@@ -115,7 +111,7 @@ def transformer_config(cfg, arm: Arm, dtype: torch.dtype, tp: int, sequence_para
         hidden_dropout=cfg.dropout, attention_dropout=cfg.dropout,
         gradient_accumulation_fusion=False, bias_activation_fusion=False, masked_softmax_fusion=False,
         bias_dropout_fusion=False, apply_rope_fusion=False, persist_layer_norm=False, add_bias_linear=True,
-        normalization="LayerNorm", **kw)
+        normalization="LayerNorm", cuda_graph_modules=[], **kw)  # [] = whole layer; the default "full" is deprecated
 
 
 def layer_spec(arm: Arm, impl: str):
