@@ -20,7 +20,7 @@ import torch
 from .. import diagnostics
 from . import checkpoint as ckpt
 from .errors import UsageError
-from .metrics import MetricsWriter
+from .metrics import MetricsWriter, trim_logs
 from .model import build_model
 from .optim import MasterAdamW, lr_at
 
@@ -156,6 +156,8 @@ def train_arm(arm, seed: int, cfg, dist, run_dir: str, data, *, dtype, impl: str
         start = resume + 1
         if monitor is not None and "monitor" in state:
             monitor.load_state_dict(state["monitor"])
+    if is_main:
+        trim_logs(run_dir, resume)  # what an interrupted run logged after its checkpoint is logged again
     writer = MetricsWriter(run_dir, resume, enabled=is_main)
     tokens_per_step = cfg.global_batch * cfg.seq_length
     if is_main:
@@ -220,20 +222,14 @@ def train_arm(arm, seed: int, cfg, dist, run_dir: str, data, *, dtype, impl: str
                     extra["monitor"] = monitor.state_dict()
                 ckpt.save(run_dir, step, gpt, optimizer, dist, extra)
             if stop:
-                writer.close()
-                if bar is not None:
-                    bar.close()
                 raise TimeLimitReached(f"{arm.name} seed {seed}: time limit reached after step {step} (checkpoint saved)")
             if exit_after_step is not None and step == exit_after_step:
-                writer.close()
-                if bar is not None:
-                    bar.close()
                 raise SimulatedKill(f"stopped after step {step} (--exit-after-step)")
-    finally:
+    finally:  # also on Ctrl-C: the progress bar ends its line before the message
         diagnostics.set_active_monitor(None)
-    if bar is not None:
-        bar.close()
-    writer.close()
+        if bar is not None:
+            bar.close()
+        writer.close()
     result = summarize_arm(run_dir, arm.name, seed, cfg, dist, dtype, impl, gpt, step_times, time.time() - t_arm)
     if is_main:
         with open(done_path + ".tmp", "w") as f:
