@@ -81,11 +81,16 @@ def write_indexed_dataset(docs: Sequence[str], tokenizer, prefix: str, *, source
     return meta
 
 
-def read_meta(prefix: str) -> dict:
+def check_files(prefix: str) -> None:
+    """Raise FileNotFoundError naming the missing file when PREFIX.bin or PREFIX.idx does not exist."""
     for ext in (".bin", ".idx"):
         if not os.path.exists(prefix + ext):
             raise FileNotFoundError(f"indexed dataset {prefix!r}: {prefix + ext} does not exist (make it with "
                                     "mxfp4-preprocess --input FILE --output-prefix PREFIX)")
+
+
+def read_meta(prefix: str) -> dict:
+    check_files(prefix)
     if not os.path.exists(meta_path(prefix)):
         raise FileNotFoundError(f"indexed dataset {prefix!r} has no {meta_path(prefix)}; it was not made by "
                                 "mxfp4-preprocess: pass --tokenizer FILE to name the tokenizer that made it")
@@ -121,6 +126,17 @@ def prepare_builtin(corpus: str, cache_dir: str, tokenizer_path: str = "", shuff
     return prefix
 
 
+def split_weights(split: str) -> List[float]:
+    """The train, valid, test weights of a ``--split`` text ("97,3,0"); train and valid must be > 0."""
+    try:
+        parts = [float(p) for p in split.replace("/", ",").split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) != 3 or parts[0] <= 0 or parts[1] <= 0 or min(parts) < 0:
+        raise ValueError(f"--split must be 'train,valid,test' weights with train and valid > 0, got {split!r}")
+    return parts
+
+
 def build_gpt_datasets(prefix: str, tok_info: TokenizerInfo, *, seq_length: int, seed: int, train_samples: int,
                        split: str, cache_dir: str) -> Tuple[object, object]:
     """(train, validation) megatron-core GPTDatasets over one indexed dataset. The train dataset has
@@ -129,9 +145,7 @@ def build_gpt_datasets(prefix: str, tok_info: TokenizerInfo, *, seq_length: int,
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-    parts = [float(p) for p in split.replace("/", ",").split(",")]
-    if len(parts) != 3 or parts[0] <= 0 or parts[1] <= 0 or min(parts) < 0:
-        raise ValueError(f"--split must be 'train,valid,test' weights with train and valid > 0, got {split!r}")
+    parts = split_weights(split)
     n_docs = _num_documents(prefix)
     n_valid = int(round(n_docs * parts[1] / sum(parts)))
     if n_valid < 1:

@@ -34,7 +34,10 @@ class BPETokenizer:
         if not os.path.exists(path):
             raise FileNotFoundError(f"tokenizer file {path!r} does not exist")
         self.path = os.path.abspath(path)
-        self._tok = tokenizers.Tokenizer.from_file(self.path)
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(self.path)
+        except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+            raise ValueError(f"tokenizer file {path!r} is not a tokenizers JSON file ({e})") from None
         with open(self.path, "rb") as f:
             self.sha256 = hashlib.sha256(f.read()).hexdigest()[:16]
         eod = self._tok.token_to_id(EOD_TOKEN)

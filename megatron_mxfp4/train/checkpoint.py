@@ -17,7 +17,8 @@ import torch
 KEEP = 2
 
 
-def _ckpt_dir(run_dir: str, step: int) -> str:
+def ckpt_dir(run_dir: str, step: int) -> str:
+    """The folder of the checkpoint saved after `step`."""
     return os.path.join(run_dir, "ckpt", f"iter_{step:07d}")
 
 
@@ -69,7 +70,7 @@ def set_rng_state(st: dict) -> None:
 
 
 def save(run_dir: str, step: int, gpt, optimizer, dist, extra: dict) -> None:
-    d = _ckpt_dir(run_dir, step)
+    d = ckpt_dir(run_dir, step)
     if dist.dp_rank == 0:
         os.makedirs(d, exist_ok=True)
         state = {"step": step, "model": gpt.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(),
@@ -94,7 +95,7 @@ def _prune(run_dir: str, newest: int, keep: int = KEEP) -> None:
     steps = sorted(int(n[5:]) for n in os.listdir(root) if n.startswith("iter_") and n[5:].isdigit())
     for s in steps:
         if s != newest and s not in steps[-keep:]:
-            shutil.rmtree(_ckpt_dir(run_dir, s), ignore_errors=True)
+            shutil.rmtree(ckpt_dir(run_dir, s), ignore_errors=True)
 
 
 def keep_only_latest(run_dir: str) -> None:
@@ -105,7 +106,7 @@ def keep_only_latest(run_dir: str) -> None:
 
 
 def load(run_dir: str, step: int, gpt, optimizer, dist) -> dict:
-    path = os.path.join(_ckpt_dir(run_dir, step), f"tp{dist.tp_rank:02d}.pt")
+    path = os.path.join(ckpt_dir(run_dir, step), f"tp{dist.tp_rank:02d}.pt")
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} is missing (resuming needs the same --tp as the run that saved it)")
     state = torch.load(path, map_location="cpu", weights_only=False)

@@ -19,7 +19,8 @@ import torch
 
 from .. import diagnostics
 from . import checkpoint as ckpt
-from .metrics import MetricsWriter
+from .errors import UsageError
+from .metrics import MetricsWriter, trim_logs
 from .model import build_model
 from .optim import MasterAdamW, lr_at
 
@@ -75,16 +76,32 @@ def _dp_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _eval_samples(valid, cfg, dist) -> int:
+    """How many validation samples an evaluation reads: whole micro batches on every data-parallel rank."""
+    per = dist.dp * cfg.micro_batch
+    n = min(cfg.eval_samples, len(valid))
+    return n - n % per
+
+
+def check_data(cfg, dist, data) -> None:
+    """Refuse (UsageError) a batch layout or datasets the run cannot use, before it trains."""
+    train_ds, valid_ds = data
+    if cfg.global_batch % (dist.dp * cfg.micro_batch):
+        raise UsageError(f"--global-batch {cfg.global_batch} is not a multiple of --micro-batch {cfg.micro_batch} × "
+                         f"data-parallel size {dist.dp}")
+    if len(train_ds) < cfg.steps * cfg.global_batch:
+        raise UsageError(f"the train dataset has {len(train_ds)} samples, {cfg.steps * cfg.global_batch} needed")
+    if _eval_samples(valid_ds, cfg, dist) == 0:
+        raise UsageError(f"an evaluation needs --eval-samples and the validation split ({len(valid_ds)} samples) to "
+                         f"hold at least --micro-batch × data-parallel size = {dist.dp * cfg.micro_batch} samples")
+
+
 def evaluate(model, valid, cfg, dist) -> float:
     """Token-weighted mean loss over the first validation samples (the same ones every time)."""
     from ..data.indexed import sample_batch
 
     per = dist.dp * cfg.micro_batch
-    n = min(cfg.eval_samples, len(valid))
-    n -= n % per
-    if n == 0:
-        raise ValueError(f"the validation split has {len(valid)} samples, fewer than micro batch × data-parallel "
-                         f"size = {per}")
+    n = _eval_samples(valid, cfg, dist)
     model.eval()
     tot = torch.zeros(2, dtype=torch.float64, device=dist.device)
     with torch.no_grad():
@@ -121,11 +138,7 @@ def train_arm(arm, seed: int, cfg, dist, run_dir: str, data, *, dtype, impl: str
     if os.path.exists(done_path):
         with open(done_path) as f:
             return json.load(f)
-    if cfg.global_batch % (dist.dp * cfg.micro_batch):
-        raise ValueError(f"global batch {cfg.global_batch} is not a multiple of micro batch {cfg.micro_batch} × "
-                         f"data-parallel size {dist.dp}")
-    if len(train_ds) < cfg.steps * cfg.global_batch:
-        raise ValueError(f"train dataset has {len(train_ds)} samples, {cfg.steps * cfg.global_batch} needed")
+    check_data(cfg, dist, data)
     os.makedirs(run_dir, exist_ok=True)
     if dist.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -143,6 +156,8 @@ def train_arm(arm, seed: int, cfg, dist, run_dir: str, data, *, dtype, impl: str
         start = resume + 1
         if monitor is not None and "monitor" in state:
             monitor.load_state_dict(state["monitor"])
+    if is_main:
+        trim_logs(run_dir, resume)  # what an interrupted run logged after its checkpoint is logged again
     writer = MetricsWriter(run_dir, resume, enabled=is_main)
     tokens_per_step = cfg.global_batch * cfg.seq_length
     if is_main:
@@ -207,20 +222,14 @@ def train_arm(arm, seed: int, cfg, dist, run_dir: str, data, *, dtype, impl: str
                     extra["monitor"] = monitor.state_dict()
                 ckpt.save(run_dir, step, gpt, optimizer, dist, extra)
             if stop:
-                writer.close()
-                if bar is not None:
-                    bar.close()
                 raise TimeLimitReached(f"{arm.name} seed {seed}: time limit reached after step {step} (checkpoint saved)")
             if exit_after_step is not None and step == exit_after_step:
-                writer.close()
-                if bar is not None:
-                    bar.close()
                 raise SimulatedKill(f"stopped after step {step} (--exit-after-step)")
-    finally:
+    finally:  # also on Ctrl-C: the progress bar ends its line before the message
         diagnostics.set_active_monitor(None)
-    if bar is not None:
-        bar.close()
-    writer.close()
+        if bar is not None:
+            bar.close()
+        writer.close()
     result = summarize_arm(run_dir, arm.name, seed, cfg, dist, dtype, impl, gpt, step_times, time.time() - t_arm)
     if is_main:
         with open(done_path + ".tmp", "w") as f:

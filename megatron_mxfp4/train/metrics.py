@@ -1,6 +1,9 @@
 """Per-step metrics of one arm: ``metrics.jsonl`` (one JSON object per line; ``kind`` is "train" or
 "valid") and, when the ``tensorboard`` package is installed, TensorBoard event files in ``tb/``.
-On resume, records after the checkpoint's step are dropped before appending."""
+
+The run folder's logs are append-only and every record carries its step, so that `trim_logs` can
+cut them back to a checkpoint: a resumed run logs again, once, what the interrupted one logged
+after its last checkpoint."""
 from __future__ import annotations
 
 import json
@@ -25,7 +28,23 @@ def read_jsonl(path: str) -> List[dict]:
     return out
 
 
+def trim_logs(run_dir: str, step: Optional[int]) -> None:
+    """Cut every ``*.jsonl`` of `run_dir` back to its records of steps <= `step` (none when `step` is
+    None: a fresh start), dropping a line cut by a kill; each file is replaced atomically."""
+    for name in sorted(os.listdir(run_dir)):
+        if not name.endswith(".jsonl"):
+            continue
+        path = os.path.join(run_dir, name)
+        keep = [r for r in read_jsonl(path) if step is not None and r["step"] <= step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in keep)
+        os.replace(path + ".tmp", path)
+
+
 class MetricsWriter:
+    """Appends to ``metrics.jsonl`` (trimmed to `resume_step` by `trim_logs` beforehand) and to TensorBoard
+    (its events after `resume_step` purged)."""
+
     def __init__(self, run_dir: str, resume_step: Optional[int], enabled: bool = True, tensorboard: bool = True):
         self.enabled = enabled
         self.path = os.path.join(run_dir, "metrics.jsonl")
@@ -33,14 +52,9 @@ class MetricsWriter:
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
-        keep = [r for r in read_jsonl(self.path) if resume_step is not None and r.get("step", 0) <= resume_step]
-        with open(self.path, "w") as f:
-            for r in keep:
-                f.write(json.dumps(r) + "\n")
         self.f = open(self.path, "a")
         if tensorboard:
-            self.tb = _tensorboard(os.path.join(run_dir, "tb"), purge_step=None if resume_step is None
-                                   else resume_step + 1)
+            self.tb = _tensorboard(os.path.join(run_dir, "tb"), purge_step=0 if resume_step is None else resume_step + 1)
 
     def write(self, record: dict) -> None:
         if not self.enabled:

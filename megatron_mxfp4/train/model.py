@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import datetime
 import os
-import warnings
 from dataclasses import dataclass
 
 import torch
 
 from .._cpu_shims import install_cpu_shims
 from .arms import Arm
+from .errors import UsageError
 
 
 def import_megatron():
@@ -28,10 +28,7 @@ def import_megatron():
     try:
         from .. import megatron as plugin  # noqa: F401  (requires megatron-core, shims typing.override)
     except ImportError as e:
-        raise ImportError(f"mxfp4-train needs megatron-core: {e}") from e
-    warnings.filterwarnings("ignore", message=".*GPTModel IS DEPRECATED.*")
-    warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+        raise UsageError(f"mxfp4-train needs megatron-core (pip install 'megatron-mxfp4[megatron]'): {e}") from e
     return plugin
 
 
@@ -41,6 +38,14 @@ def te_available() -> bool:
     except Exception:
         return False
     return True
+
+
+def check_te(arm: Arm, impl: str) -> None:
+    """Refuse an arm that needs Transformer Engine when it cannot be imported."""
+    if (impl == "transformer_engine" or arm.te_fp8) and not te_available():
+        what = f"arm {arm.name!r}" if arm.te_fp8 else "--transformer-impl transformer_engine"
+        raise UsageError(f"{what} needs Transformer Engine (import transformer_engine.pytorch failed); install "
+                         "it or drop the arm / use --transformer-impl local")
 
 
 @dataclass
@@ -62,10 +67,12 @@ def init_distributed(device: str, tp: int, seed: int) -> Dist:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but no CUDA device is visible")
+        raise UsageError("--device cuda was asked for but no CUDA device is visible")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world % tp:
+        raise UsageError(f"--tp {tp} does not divide the number of processes {world} (start them with torchrun)")
     if device == "cpu":
         install_cpu_shims(force=True)  # --device cpu on a GPU machine too
         dev = torch.device("cpu")
@@ -79,8 +86,6 @@ def init_distributed(device: str, tp: int, seed: int) -> Dist:
         else:
             torch.distributed.init_process_group(backend=backend, store=torch.distributed.HashStore(), rank=0,
                                                  world_size=1)
-    if world % tp:
-        raise ValueError(f"--tp {tp} does not divide the number of processes {world}")
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=tp)
     elif ps.get_tensor_model_parallel_world_size() != tp:
@@ -120,7 +125,7 @@ def transformer_config(cfg, arm: Arm, dtype: torch.dtype, tp: int, sequence_para
         hidden_dropout=cfg.dropout, attention_dropout=cfg.dropout,
         gradient_accumulation_fusion=False, bias_activation_fusion=False, masked_softmax_fusion=False,
         bias_dropout_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
-        normalization="LayerNorm", **kw)
+        normalization="LayerNorm", cuda_graph_modules=[], **kw)  # [] = whole layer; the default "full" is deprecated
 
 
 def layer_spec(arm: Arm, impl: str, num_experts=None):
@@ -128,11 +133,8 @@ def layer_spec(arm: Arm, impl: str, num_experts=None):
     `num_experts`), with the plugin's MXFP4 linears swapped in when the arm has a recipe."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
+    check_te(arm, impl)
     use_te = impl == "transformer_engine" or arm.te_fp8
-    if use_te and not te_available():
-        what = f"arm {arm.name!r}" if arm.te_fp8 else "--transformer-impl transformer_engine"
-        raise RuntimeError(f"{what} needs Transformer Engine (import transformer_engine.pytorch failed); install "
-                           "it or drop the arm / use --transformer-impl local")
     if arm.recipe is None:
         if use_te:
             return specs.get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts)
@@ -147,30 +149,59 @@ def padded_vocab(vocab: int, tp: int, multiple: int = 128) -> int:
     return (vocab + step - 1) // step * step
 
 
-def build_model(cfg, arm: Arm, dist: Dist, dtype: torch.dtype, impl: str, vocab_size: int, seed: int,
-                sequence_parallel: bool = False):
-    """(DDP-wrapped model, the bare GPTModel): built under `seed` on the CPU, moved to the device."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+def new_gpt(cfg, arm: Arm, tp: int, dtype: torch.dtype, impl: str, vocab_size: int, sequence_parallel: bool = False):
+    """The bare GPTModel of an arm, initialized from the current random state (on the CPU, or on the
+    default device in effect: "meta" builds it without memory or initialization)."""
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.transformer.module import Float16Module
 
-    config = transformer_config(cfg, arm, dtype, dist.tp, sequence_parallel)
-    spec = layer_spec(arm, impl, cfg.experts or None)
-    seed_all(seed, dist.device.type)
-    gpt = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=padded_vocab(vocab_size, dist.tp),
+    gpt = GPTModel(config=transformer_config(cfg, arm, dtype, tp, sequence_parallel),
+                   transformer_layer_spec=layer_spec(arm, impl, cfg.experts or None),
+                   vocab_size=padded_vocab(vocab_size, tp),
                    max_sequence_length=cfg.seq_length, position_embedding_type="learned_absolute",
                    share_embeddings_and_output_weights=True)
-    if arm.te_fp8 or impl == "transformer_engine":
-        copy_initial_values(gpt, cfg, dist, dtype, vocab_size, seed)
     if arm.recipe is not None and arm.recipe.lm_head:
         from ..megatron import convert_output_layer
 
         convert_output_layer(gpt, arm.recipe)
+    return gpt
+
+
+def check_model(cfg, arm: Arm, dist: Dist, dtype: torch.dtype, vocab_size: int) -> None:
+    """What building and running the arm's model would refuse, found without training: the arm's
+    kernel backend on this device, and the checks of megatron-core's config and layers and of the
+    plugin's layers, by building the model on the "meta" device (no memory, no random draws). The
+    local spec stands in for the TE spec (the plugin's linears are the same; TE's modules allocate
+    on a device of their own), and the te-fp8 arm, all TE, is left to its own build."""
+    r = arm.recipe
+    if r is not None and r.backward_format == "mxfp4" and r.backend != "auto":
+        from ..ops import available_backends
+
+        probe = torch.empty(0, device=dist.device)
+        for kind, name in (("quantize", r.quantize_backend), ("gemm", r.gemm_backend)):
+            here = available_backends(probe, kind)
+            if name != "auto" and name not in here:
+                raise UsageError(f"--mxfp4-backend {r.backend}: no {name} {kind} kernel can run on "
+                                 f"{dist.device.type} here (available: {', '.join(here)})")
+    if not arm.te_fp8:
+        with torch.device("meta"):
+            new_gpt(cfg, arm, dist.tp, dtype, "local", vocab_size)
+
+
+def build_model(cfg, arm: Arm, dist: Dist, dtype: torch.dtype, impl: str, vocab_size: int, seed: int,
+                sequence_parallel: bool = False):
+    """(DDP-wrapped model, the bare GPTModel): built under `seed` on the CPU, moved to the device."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.module import Float16Module
+
+    seed_all(seed, dist.device.type)
+    gpt = new_gpt(cfg, arm, dist.tp, dtype, impl, vocab_size, sequence_parallel)
+    if arm.te_fp8 or impl == "transformer_engine":
+        copy_initial_values(gpt, cfg, dist, dtype, vocab_size, seed)
     gpt.to(dist.device)
-    module = Float16Module(config, gpt) if dtype == torch.bfloat16 else gpt
+    module = Float16Module(gpt.config, gpt) if dtype == torch.bfloat16 else gpt
     ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                             use_distributed_optimizer=False, check_for_nan_in_grad=False)
-    model = DistributedDataParallel(config=config, ddp_config=ddp_cfg, module=module)
+    model = DistributedDataParallel(config=gpt.config, ddp_config=ddp_cfg, module=module)
     seed_all(seed, dist.device.type)  # the generators start every arm's training in the same state
     return model, gpt
 
@@ -182,16 +213,10 @@ _TE_KEY_MAP = (("self_attention.linear_qkv.layer_norm_", "input_layernorm."),
 def copy_initial_values(gpt, cfg, dist: Dist, dtype, vocab_size: int, seed: int) -> None:
     """Give a model built with TE classes the initial values of the local-spec model of the same
     seed (fused-LayerNorm keys mapped), so that every arm starts from the same point."""
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
     from .arms import ARMS
 
-    ref_cfg = transformer_config(cfg, ARMS["bf16"], dtype, dist.tp, False)
     seed_all(seed, dist.device.type)
-    ref = GPTModel(config=ref_cfg, transformer_layer_spec=get_gpt_layer_local_spec(num_experts=cfg.experts or None),
-                   vocab_size=padded_vocab(vocab_size, dist.tp), max_sequence_length=cfg.seq_length,
-                   position_embedding_type="learned_absolute", share_embeddings_and_output_weights=True)
+    ref = new_gpt(cfg, ARMS["bf16"], dist.tp, dtype, "local", vocab_size)
     ref_params = dict(ref.named_parameters())
     with torch.no_grad():
         for name, p in gpt.named_parameters():

@@ -182,7 +182,8 @@ def plot(out: str, title: str = "") -> Optional[str]:
                 gx.plot(*zip(*vp), color=colors[arm], lw=0.8, ls="--", marker="o", ms=3, label=f"{arm} − bf16 (valid)")
         gx.axhline(0, color="k", lw=0.8)
         gx.set_ylabel("gap to bf16 (loss)")
-        gx.legend(fontsize=7)
+        if gx.get_legend_handles_labels()[0]:  # bf16 alone: no gap lines (and legend() would warn)
+            gx.legend(fontsize=7)
     else:
         gx.text(0.5, 0.5, "no bf16 arm: no gap to show", ha="center", va="center", transform=gx.transAxes)
     gx.grid(alpha=0.3)

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -19,3 +21,17 @@ def megatron_cpu():
         torch.distributed.destroy_process_group()
     for k, v in saved.items():
         setattr(torch.cuda, k, v)
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """A small indexed dataset (standard-library text) made by mxfp4-preprocess."""
+    from megatron_mxfp4.data import corpus, preprocess
+
+    d = tmp_path_factory.mktemp("data")
+    docs = corpus.stdlib_documents(max_bytes=400_000)
+    src = d / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    prefix = str(d / "std")
+    preprocess.main(["--input", str(src), "--output-prefix", prefix, "--shuffle-seed", "0"])
+    return prefix

@@ -2,6 +2,11 @@
 import os
 import sys
 
+# a very small GPT (all reduction dims are multiples of 64: MXFP4 with g = 64 applies everywhere)
+SMALL = ["--layers", "1", "--hidden", "64", "--heads", "2", "--ffn", "256", "--seq-length", "64",
+         "--global-batch", "4", "--micro-batch", "2", "--eval-samples", "4", "--log-interval", "1", "--threads", "2",
+         "--no-progress"]
+
 
 def run_cli(args, cwd=None, timeout=600):
     """mxfp4-train in a fresh process (for hard stops); returns the CompletedProcess."""
