@@ -3,7 +3,9 @@
 `quantize_fp8_fused(x)` is the compiled twin of `numerics.fp8.quantize_fp8`, bit for bit: one kernel reduces
 amax |x| into a device scalar (float32 bits compared as integers: every |x| is non-negative, so the integer
 order is the float order, and a NaN's bits exceed every finite value's, so NaN propagates as in `amax`), a
-second computes s = amax / 448 (1 when amax is 0 or NaN; an IEEE division) and writes E4M3(x / s) rounded to
+second computes s = amax · float32(1/448) (1 when amax is 0 or NaN; on CUDA, PyTorch divides a tensor by a
+Python number as a product with its float32 reciprocal, so the reference's `amax / 448` is this product) and writes
+E4M3(x / s) (an IEEE division, as the reference's division by the 0-d scale tensor) rounded to
 nearest-even, with |x / s| >= 480 giving NaN as torch's cast does (only reachable when amax is NaN, s = 1;
 otherwise |x / s| <= 448). Nothing synchronizes with the host.
 The reference takes about eight element-wise launches per operand.
@@ -20,6 +22,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..numerics.format import round_to_float32
 from ..numerics.fp8 import E4M3_MAX, quantize_fp8
 from .dispatch import device_capability
 
@@ -30,6 +33,7 @@ except ImportError:  # pragma: no cover - CPU installs
     triton = None
 
 _BLOCK = 4096
+_INV_MAX = round_to_float32(1.0 / E4M3_MAX)  # what torch on CUDA multiplies by for `tensor / E4M3_MAX`
 
 
 def supports(x: torch.Tensor) -> Optional[str]:
@@ -55,9 +59,9 @@ if triton is not None:
         tl.atomic_max(amax_bits_ptr, tl.max(bits, axis=0))
 
     @triton.jit
-    def _cast_kernel(x_ptr, amax_bits_ptr, codes_ptr, scale_ptr, n, E4M3_MAX: tl.constexpr, BLOCK: tl.constexpr):
+    def _cast_kernel(x_ptr, amax_bits_ptr, codes_ptr, scale_ptr, n, inv_max, BLOCK: tl.constexpr):
         amax = tl.load(amax_bits_ptr).to(tl.float32, bitcast=True)
-        s = tl.where(amax > 0, tl.math.div_rn(amax, E4M3_MAX), 1.0)  # 0 or NaN: 1, as in the reference
+        s = tl.where(amax > 0, amax * inv_max, 1.0)  # 0 or NaN: 1, as in the reference
         pid = tl.program_id(0)
         if pid == 0:
             tl.store(scale_ptr, s)
@@ -80,7 +84,7 @@ def quantize_fp8_fused(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     scale = torch.empty((), dtype=torch.float32, device=x.device)
     grid = (max(1, triton.cdiv(n, _BLOCK)),)
     _amax_kernel[grid](xc, amax_bits, n, BLOCK=_BLOCK)
-    _cast_kernel[grid](xc, amax_bits, codes, scale, n, E4M3_MAX=E4M3_MAX, BLOCK=_BLOCK)
+    _cast_kernel[grid](xc, amax_bits, codes, scale, n, _INV_MAX, BLOCK=_BLOCK)
     return codes, scale
 
 
