@@ -58,7 +58,8 @@ py::tuple tile_shape(int dtype, int rht_block, int mode) {
 }
 
 void to_e4m3_tiles(uintptr_t data, int64_t ld_data, uintptr_t scales, int64_t ld_scales, int64_t rows, int64_t k,
-                   uintptr_t codes, uintptr_t tile_scales, uintptr_t flags, float mult, uintptr_t stream) {
+                   uintptr_t codes, uintptr_t tile_scales, uintptr_t flags, float mult, int64_t rows_out,
+                   uintptr_t stream) {
   mxfp4::TileParams p;
   p.data = ptr<const uint8_t>(data);
   p.ld_data = ld_data;
@@ -66,6 +67,7 @@ void to_e4m3_tiles(uintptr_t data, int64_t ld_data, uintptr_t scales, int64_t ld
   p.ld_scales = ld_scales;
   p.rows = rows;
   p.k = k;
+  p.rows_out = rows_out;
   p.codes = ptr<uint8_t>(codes);
   p.tile_scales = ptr<float>(tile_scales);
   p.flags = ptr<int32_t>(flags);
@@ -99,8 +101,8 @@ PYBIND11_MODULE(_mxfp4_cuda, m) {
         "(tile_rows, tile_cols) of the kernel for (dtype, rht_block, mode); (0, 0) if there is none.");
   // positional (no keyword parsing): these run twice per backward GEMM
   m.def("to_e4m3_tiles", &to_e4m3_tiles, py::call_guard<py::gil_scoped_release>(),
-        "to_e4m3_tiles(data, ld_data, scales, ld_scales, rows, k, codes, tile_scales, flags, mult, stream): "
-        "packed MXFP4 [rows, k] -> E4M3 codes with 1x128 tile scales (csrc/mxfp4_tiles.h).");
+        "to_e4m3_tiles(data, ld_data, scales, ld_scales, rows, k, codes, tile_scales, flags, mult, rows_out, stream): "
+        "packed MXFP4 [rows, k] -> E4M3 codes with 1x128 tile scales, rows_out rows (csrc/mxfp4_tiles.h).");
   m.def("mask_flagged_slabs", &mask_flagged_slabs, py::call_guard<py::gil_scoped_release>(),
         "mask_flagged_slabs(flags_a, flags_b, tile_scales_a, rows_a, nt, stream): flags_a |= flags_b and zero "
         "A's tile scales on the flagged slabs.");

@@ -53,6 +53,7 @@ __global__ void __launch_bounds__(kTileThreads) to_e4m3_tiles_kernel(const TileP
   const int64_t nb = p.k / 32, nt = (p.k + 127) / 128, kp = nt * 128;
   const int64_t t0 = static_cast<int64_t>(blockIdx.y) * kTilesPerThread;
   const bool row_ok = row < p.rows;
+  const int64_t rows_out = p.rows_out > p.rows ? p.rows_out : p.rows;  // rows past p.rows: zero codes (GEMM padding)
 
   uint2 w[kTilesPerThread];
   uint32_t s[kTilesPerThread];
@@ -102,14 +103,14 @@ __global__ void __launch_bounds__(kTileThreads) to_e4m3_tiles_kernel(const TileP
       neg_lo = pos_lo | 0x80808000u;  // entry 0 (zero) stays +0
       neg_hi = pos_hi | 0x80808080u;
     }
-    if (!row_ok) continue;
+    if (row >= rows_out) continue;
     const uint4 out = make_uint4(lookup4(w[j].x, pos_lo, pos_hi, neg_lo, neg_hi),
                                  lookup4(w[j].x >> 16, pos_lo, pos_hi, neg_lo, neg_hi),
                                  lookup4(w[j].y, pos_lo, pos_hi, neg_lo, neg_hi),
                                  lookup4(w[j].y >> 16, pos_lo, pos_hi, neg_lo, neg_hi));
     *reinterpret_cast<uint4*>(p.codes + row * kp + t * 128 + l * 16) = out;
     if (l == 0) {
-      p.tile_scales[t * p.rows + row] = tnan ? __uint_as_float(0x7FC00000u) : __fmul_rn(pow2(etop), p.mult);
+      p.tile_scales[t * rows_out + row] = tnan ? __uint_as_float(0x7FC00000u) : __fmul_rn(pow2(etop), p.mult);
       if (bad) atomicOr(p.flags + t, 1);
     }
   }
@@ -147,9 +148,10 @@ void to_e4m3_tiles(const TileParams& p, cudaStream_t stream) {
   require(reinterpret_cast<uintptr_t>(p.data) % 8 == 0, "packed data must be 8-byte aligned");
   require(reinterpret_cast<uintptr_t>(p.codes) % 16 == 0, "codes must be 16-byte aligned");
   require(p.ld_scales >= p.k / 32, "scale row stride " + std::to_string(p.ld_scales) + " must be >= k/32");
-  if (p.rows == 0 || p.k == 0) return;
+  const int64_t rows_out = p.rows_out > p.rows ? p.rows_out : p.rows;
+  if (rows_out == 0 || p.k == 0) return;
   const int64_t nt = (p.k + 127) / 128;
-  const int64_t gx = (p.rows + kTileRowsPerCta - 1) / kTileRowsPerCta;
+  const int64_t gx = (rows_out + kTileRowsPerCta - 1) / kTileRowsPerCta;
   const int64_t gy = (nt + kTilesPerThread - 1) / kTilesPerThread;
   require(gx < (int64_t(1) << 31) && gy < 65536, "operand too large for the launch grid");
   to_e4m3_tiles_kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), kTileThreads, 0, stream>>>(p);

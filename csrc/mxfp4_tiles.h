@@ -24,8 +24,9 @@ struct TileParams {
   const uint8_t* scales = nullptr;  // E8M0 block scales [rows, k/32], row stride ld_scales bytes
   int64_t ld_scales = 0;
   int64_t rows = 0, k = 0;          // k: a multiple of 32
-  uint8_t* codes = nullptr;         // [rows, kp] E4M3, contiguous
-  float* tile_scales = nullptr;     // [kp/128, rows]
+  int64_t rows_out = 0;             // rows written (>= rows; 0: rows): the rest are zero codes, scale mult
+  uint8_t* codes = nullptr;         // [rows_out, kp] E4M3, contiguous
+  float* tile_scales = nullptr;     // [kp/128, rows_out]
   int32_t* flags = nullptr;         // [kp/128], zero on entry (flags are only ever set)
   float mult = 1.0f;
 };

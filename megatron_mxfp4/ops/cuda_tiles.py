@@ -40,41 +40,47 @@ def _packed(t: MXFP4Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return data, scales
 
 
-def to_e4m3_tiles(t: MXFP4Tensor, mult: float = 1.0, flags: Optional[torch.Tensor] = None) -> E4M3Operand:
-    """[R, K] MXFP4Tensor (quantized along K) -> E4M3 codes [R, Kp] + float32 tile scales [Kp/128, R] in
-    natural element order. `flags`: an int32 [ceil(K/128)] zero buffer for the slab flags (allocated when
+def to_e4m3_tiles(t: MXFP4Tensor, mult: float = 1.0, flags: Optional[torch.Tensor] = None,
+                  rows_out: Optional[int] = None) -> E4M3Operand:
+    """[R, K] MXFP4Tensor (quantized along K) -> E4M3 codes [Ro, Kp] + float32 tile scales [Kp/128, Ro] in
+    natural element order, Ro = `rows_out` (default R; rows past R are zero codes: a GEMM's M or N padded
+    for the library). `flags`: an int32 [ceil(K/128)] zero buffer for the slab flags (allocated when
     None); the result's `bad` is that buffer (nonzero = flagged)."""
     _check_operand(t)
     reason = supports(t.data)
     if reason is not None:
         raise RuntimeError(f"megatron_mxfp4 E4M3-tile conversion: {reason}")
     R, K = t.padded_shape
+    ro = R if rows_out is None else max(int(rows_out), R)
     nt = -(-K // TILE)
     dev = t.data.device
     data, scales = _packed(t)
-    codes = torch.empty((R, nt * TILE), dtype=torch.float8_e4m3fn, device=dev)
-    tile_scales = torch.empty((nt, R), dtype=torch.float32, device=dev)
+    codes = torch.empty((ro, nt * TILE), dtype=torch.float8_e4m3fn, device=dev)
+    tile_scales = torch.empty((nt, ro), dtype=torch.float32, device=dev)
     if flags is None:
         flags = torch.zeros(nt, dtype=torch.int32, device=dev)
     elif flags.dtype != torch.int32 or flags.numel() != nt or not flags.is_contiguous() or flags.device != dev:
         raise ValueError(f"flags must be a contiguous int32 tensor of {nt} elements on {dev}, got "
                          f"{flags.dtype} {tuple(flags.shape)} on {flags.device}")
     _call(dev, _ext.to_e4m3_tiles, data.data_ptr(), data.stride(0), scales.data_ptr(), scales.stride(0), R, K,
-          codes.data_ptr(), tile_scales.data_ptr(), flags.data_ptr(), float(mult))
+          codes.data_ptr(), tile_scales.data_ptr(), flags.data_ptr(), float(mult), ro)
     return E4M3Operand(codes, tile_scales, flags, TILE, K, "natural")
 
 
-def tile_operands(a: MXFP4Tensor, b: MXFP4Tensor, mult_b: float = 1.0):
+def tile_operands(a: MXFP4Tensor, b: MXFP4Tensor, mult_b: float = 1.0, row_multiple: int = 1):
     """Both operands of A·Bᵀ in the E4M3-tile layout (B's tile scales times `mult_b`), with A's tile
-    scales zeroed on every K-slab flagged in either operand. Returns (oa, ob, flags int32 [K/128])."""
+    scales zeroed on every K-slab flagged in either operand; each operand's rows padded with zero codes to
+    a multiple of `row_multiple`. Returns (oa, ob, flags int32 [K/128])."""
     if a.padded_shape[1] != b.padded_shape[1]:
         raise ValueError(f"operands differ in K: {a.padded_shape[1]} and {b.padded_shape[1]}")
     nt = -(-a.padded_shape[1] // TILE)
     dev = a.data.device
     flags = torch.zeros((2, nt), dtype=torch.int32, device=dev)
-    oa = to_e4m3_tiles(a, flags=flags[0])
-    ob = to_e4m3_tiles(b, mult=mult_b, flags=flags[1])
-    _call(dev, _ext.mask_flagged_slabs, flags[0].data_ptr(), flags[1].data_ptr(), oa.scales.data_ptr(), a.shape[0], nt)
+    up = lambda r: -(-r // row_multiple) * row_multiple  # noqa: E731
+    oa = to_e4m3_tiles(a, flags=flags[0], rows_out=up(a.shape[0]))
+    ob = to_e4m3_tiles(b, mult=mult_b, flags=flags[1], rows_out=up(b.shape[0]))
+    _call(dev, _ext.mask_flagged_slabs, flags[0].data_ptr(), flags[1].data_ptr(), oa.scales.data_ptr(),
+          oa.codes.shape[0], nt)
     return oa, ob, flags[0]
 
 

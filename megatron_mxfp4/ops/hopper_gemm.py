@@ -140,22 +140,32 @@ def _finish(out: torch.Tensor, out_dtype, accumulate_into):
     return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
-def tile_operands(a: MXFP4Tensor, b: MXFP4Tensor, mult_b: float = 1.0):
+def tile_operands(a: MXFP4Tensor, b: MXFP4Tensor, mult_b: float = 1.0, row_multiple: int = 1):
     """Both operands in the E4M3-tile layout, ready for a GEMM: A's scales are zeroed on the slabs flagged in
-    either operand (those are added by `fix_bad_slabs`). Returns (oa, ob, flags int32 [K/128]).
+    either operand (those are added by `fix_bad_slabs`), each operand's rows padded with zero codes to a
+    multiple of `row_multiple`. Returns (oa, ob, flags int32 [K/128]).
 
     Uses the compiled conversion of the CUDA extension (`cuda_tiles`, natural order); without the
-    extension, the Triton kernel (warned about once)."""
+    extension, the Triton kernel (warned about once; padded rows are copied on)."""
     reason = cuda_tiles.supports(a.data)
     if reason is None:
-        return cuda_tiles.tile_operands(a, b, mult_b)
+        return cuda_tiles.tile_operands(a, b, mult_b, row_multiple)
     _warn_once("tiles", f"megatron_mxfp4: E4M3-tile conversion on the slower Triton kernel ({reason})")
     flags = torch.zeros((2, -(-a.padded_shape[1] // TILE)), dtype=torch.int32, device=a.data.device)
-    oa = to_e4m3(a, TILE, flags=flags[0])
-    ob = to_e4m3(b, TILE, mult=mult_b, flags=flags[1])
+    oa = _pad_rows(to_e4m3(a, TILE, flags=flags[0]), row_multiple)
+    ob = _pad_rows(to_e4m3(b, TILE, mult=mult_b, flags=flags[1]), row_multiple)
     bad = flags.amax(0)
     oa = replace(oa, scales=torch.where(bad.unsqueeze(1) != 0, 0.0, oa.scales))
     return oa, ob, bad
+
+
+def _pad_rows(op, multiple: int):
+    """An E4M3 operand with zero rows appended up to a multiple of `multiple` (codes and tile scales)."""
+    pad = -op.codes.shape[0] % multiple
+    if not pad:
+        return op
+    codes = torch.nn.functional.pad(op.codes.view(torch.uint8), (0, 0, 0, pad)).view(torch.float8_e4m3fn)
+    return replace(op, codes=codes, scales=torch.nn.functional.pad(op.scales, (0, pad)))
 
 
 def exact_gemm(a: MXFP4Tensor, b: MXFP4Tensor, out_dtype=torch.float32, alpha: float = 1.0,
@@ -177,18 +187,17 @@ def exact_gemm(a: MXFP4Tensor, b: MXFP4Tensor, out_dtype=torch.float32, alpha: f
 
 def hopper_gemm(a: MXFP4Tensor, b: MXFP4Tensor, out_dtype=torch.float32, alpha: float = 1.0,
                 accumulate_into: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The `hopper` backend: cuBLASLt FP8 with 1×128 tile scales + exact per-slab fallback."""
+    """The `hopper` backend: cuBLASLt FP8 with 1×128 tile scales + exact per-slab fallback. cuBLASLt wants M
+    and N in multiples of 16: other sizes get zero rows in the layout and the product is cut back."""
     M, N = a.shape[0], b.shape[0]
-    if M % 16 or N % 16:
-        _warn_once("align", f"megatron_mxfp4: hopper GEMM needs M and N multiples of 16 (got M={M}, N={N}); "
-                            "using the exact Triton kernel instead")
-        return exact_gemm(a, b, out_dtype, alpha, accumulate_into)
     scaled_mm, blockwise = _blockwise_api()
     dev = a.data.device
     alpha_t = gemm_alpha(a, b, alpha)
-    oa, ob, bad = tile_operands(a, b, alpha_t)
+    oa, ob, bad = tile_operands(a, b, alpha_t, row_multiple=16)
     od = torch.float32 if accumulate_into is not None else out_dtype
     out = scaled_mm(oa.codes, ob.codes.t(), oa.scales.t(), blockwise, ob.scales.t(), blockwise, output_dtype=od)
+    if out.shape != (M, N):
+        out = out[:M] if out.shape[1] == N else out[:M, :N].contiguous()
     fix_bad_slabs(a, b, bad, alpha_t, out, monitor.counter(dev))
     monitor.after_call(dev)
     return _finish(out, out_dtype, accumulate_into)

@@ -182,7 +182,7 @@ def test_epilogues(backend):
 @hopper_only
 @pytest.mark.parametrize("backend", ["hopper", "hopper_exact", "hopper_exact_blocks", "triton"])
 def test_odd_shapes(backend):
-    """M, N not multiples of 16 (hopper warns and runs the exact kernel), K not a multiple of 128."""
+    """M, N not multiples of 16 (hopper pads them with zero rows for cuBLASLt), K not a multiple of 128."""
     M, N, K = 200, 136, 96
     a, b = make_operand(M, K, 3, 31, mode="row"), make_operand(N, K, 3, 32, mode="row")
     with warnings.catch_warnings():
@@ -288,6 +288,20 @@ def test_cuda_tile_conversion_is_bit_exact(rows, k):
     half = MXFP4Tensor(t.data[::2], t.scales[::2], t.prescale, 1, (t.data[::2].shape[0], k))
     assert torch.equal(cuda_tiles.to_e4m3_tiles(half).codes.view(torch.uint8),
                        L.to_e4m3_reference(half, 128, order="natural").codes.view(torch.uint8))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_tile_conversion_pads_rows_with_zero_codes():
+    """rows_out > R (a GEMM's M or N padded to 16 for cuBLASLt): the first R rows as without padding, the rest
+    zero codes; the scale matrix has rows_out columns."""
+    from megatron_mxfp4.ops import cuda_tiles
+
+    t = _tricky_operand(37, 1024, 5)
+    plain, padded = cuda_tiles.to_e4m3_tiles(t), cuda_tiles.to_e4m3_tiles(t, rows_out=48)
+    assert padded.codes.shape == (48, 1024) and padded.scales.shape == (8, 48)
+    assert torch.equal(padded.codes[:37].view(torch.uint8), plain.codes.view(torch.uint8))
+    assert not padded.codes[37:].view(torch.uint8).any()
+    assert torch.equal(padded.scales[:, :37], plain.scales)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
