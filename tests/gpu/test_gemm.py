@@ -301,7 +301,7 @@ def test_cuda_tile_conversion_pads_rows_with_zero_codes():
     assert padded.codes.shape == (48, 1024) and padded.scales.shape == (8, 48)
     assert torch.equal(padded.codes[:37].view(torch.uint8), plain.codes.view(torch.uint8))
     assert not padded.codes[37:].view(torch.uint8).any()
-    assert torch.equal(padded.scales[:, :37], plain.scales)
+    assert torch.equal(padded.scales[:, :37].view(torch.int32), plain.scales.view(torch.int32))  # NaN tiles too
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
