@@ -6,8 +6,8 @@ order is the float order, and a NaN's bits exceed every finite value's, so NaN p
 second computes s = amax · float32(1/448) (1 when amax is 0 or NaN; on CUDA, PyTorch divides a tensor by a
 Python number as a product with its float32 reciprocal, so the reference's `amax / 448` is this product) and writes
 E4M3(x / s) (an IEEE division, as the reference's division by the 0-d scale tensor) rounded to
-nearest-even, with |x / s| >= 480 giving NaN as torch's cast does (only reachable when amax is NaN, s = 1;
-otherwise |x / s| <= 448). Nothing synchronizes with the host.
+nearest-even, with NaN (its sign kept) for NaN and from |x / s| >= 480 up as torch's cast gives (only reachable
+when amax is NaN, s = 1; otherwise |x / s| <= 448). Nothing synchronizes with the host.
 The reference takes about eight element-wise launches per operand.
 
 The weight is cast again in every forward. Reusing its cast across the micro-batches of a step would need to
@@ -68,8 +68,11 @@ if triton is not None:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         y = tl.math.div_rn(tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32), s)
-        y = tl.where(tl.abs(y) >= 480.0, float("nan"), y)  # torch's cast: NaN from 480 up (the cvt saturates)
-        tl.store(codes_ptr + offs, y.to(tl.float8e4nv), mask=mask)
+        code = y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+        # torch's cast gives NaN (0x7F with y's sign bit) from |y| >= 480 up and for NaN; the cvt saturates
+        sign = ((y.to(tl.uint32, bitcast=True) >> 24) & 0x80).to(tl.uint8)
+        code = tl.where((tl.abs(y) >= 480.0) | (y != y), sign | 0x7F, code)
+        tl.store(codes_ptr + offs, code, mask=mask)
 
 
 def quantize_fp8_fused(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +87,7 @@ def quantize_fp8_fused(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     scale = torch.empty((), dtype=torch.float32, device=x.device)
     grid = (max(1, triton.cdiv(n, _BLOCK)),)
     _amax_kernel[grid](xc, amax_bits, n, BLOCK=_BLOCK)
-    _cast_kernel[grid](xc, amax_bits, codes, scale, n, _INV_MAX, BLOCK=_BLOCK)
+    _cast_kernel[grid](xc, amax_bits, codes.view(torch.uint8), scale, n, _INV_MAX, BLOCK=_BLOCK)
     return codes, scale
 
 

@@ -45,4 +45,5 @@ def test_fp8_matmul_uses_it_and_matches_the_reference():
     a, b = torch.randn(256, 512, device=DEV, dtype=torch.bfloat16), torch.randn(128, 512, device=DEV, dtype=torch.bfloat16)
     c = fp8_matmul(a, b, out_dtype=torch.float32)
     ref = fp8_matmul_reference(a, b, torch.float32)
-    assert ((c - ref).norm() / ref.norm()).item() < 1e-5  # the same E4M3 operands; summation order only
+    # the same E4M3 operands; the FP8 tensor core accumulates with fewer bits than float32 (DESIGN §2.5)
+    assert ((c - ref).norm() / ref.norm()).item() < 5e-4
