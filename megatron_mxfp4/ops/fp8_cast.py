@@ -6,8 +6,8 @@ order is the float order, and a NaN's bits exceed every finite value's, so NaN p
 second computes s = amax · float32(1/448) (1 when amax is 0 or NaN; on CUDA, PyTorch divides a tensor by a
 Python number as a product with its float32 reciprocal, so the reference's `amax / 448` is this product) and writes
 E4M3(x / s) (an IEEE division, as the reference's division by the 0-d scale tensor) rounded to
-nearest-even, with NaN (its sign kept) for NaN and from |x / s| >= 480 up as torch's cast gives (only reachable
-when amax is NaN, s = 1; otherwise |x / s| <= 448). Nothing synchronizes with the host.
+nearest-even, with NaN (its sign kept) for NaN and for |x / s| > 464 as torch's cast gives (only reachable when
+amax is NaN, s = 1; otherwise |x / s| <= 448). Nothing synchronizes with the host.
 The reference takes about eight element-wise launches per operand.
 
 The weight is cast again in every forward. Reusing its cast across the micro-batches of a step would need to
@@ -69,9 +69,10 @@ if triton is not None:
         mask = offs < n
         y = tl.math.div_rn(tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32), s)
         code = y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-        # torch's cast gives NaN (0x7F with y's sign bit) from |y| >= 480 up and for NaN; the cvt saturates
+        # torch's cast gives NaN (0x7F with y's sign bit) above 464 (rounding up to the 480 pattern, which is
+        # NaN in e4m3fn) and for NaN; the cvt saturates to 448 instead
         sign = ((y.to(tl.uint32, bitcast=True) >> 24) & 0x80).to(tl.uint8)
-        code = tl.where((tl.abs(y) >= 480.0) | (y != y), sign | 0x7F, code)
+        code = tl.where((tl.abs(y) > 464.0) | (y != y), sign | 0x7F, code)
         tl.store(codes_ptr + offs, code, mask=mask)
 
 
