@@ -6,6 +6,11 @@ same operands along the same dimensions (DESIGN §3):
   dgrad  dX [T, in]  = dY [T, out] · W [out, in]   reduction over out:  a = dY,   b = Wᵀ
   wgrad  dW [out, in] = dYᵀ [out, T] · X [T, in]   reduction over T:    a = dYᵀ,  b = Xᵀ
 
+No size is refused (DESIGN §3): the quantizers zero-pad a reduction dimension to the next multiple of
+max(32, g), and the dither indices count the padded size; a GEMM with an empty operand (0 tokens, a
+0-sized layer) returns zeros without quantizing. What the quantizers cannot read is refused at the
+forward (`check_input_dtypes`).
+
 Each GEMM draws its own RHT signs, shared by its two operands; every operand its own dither. With the
 `per_call` sign policy a GEMM's signs are the sign-domain words at its dY operand's offset, so the dual
 quantizer of dY draws them itself (on a GPU, inside the kernel: no host work, no copy) and hands them on
@@ -14,16 +19,16 @@ to the W and X quantizers.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from . import diagnostics
-from .numerics.format import BLOCK
+from .numerics.quantize import _FLOAT_DTYPES, MXFP4Tensor
 from .numerics.rht import draw_signs
 from .numerics.streams import Gemm, Operand, stream_offset
-from .numerics.quantize import MXFP4Tensor
 from .ops import fp8_matmul, mxfp4_gemm, quantize_mxfp4, quantize_mxfp4_dual
 from .recipe import MXFP4Recipe
 
@@ -42,18 +47,21 @@ class StreamKey:
         return stream_offset(self.layer, self.call, gemm, operand)
 
 
-def check_reduction_dim(size: int, recipe: MXFP4Recipe, what: str) -> None:
-    """Raise a clear error when a reduction dimension cannot be quantized under `recipe`."""
-    if recipe.backward_format == "fp8":  # per-tensor scaling: any size
+def as_tokens(t: torch.Tensor) -> torch.Tensor:
+    """t [..., n] as [tokens, n] (`reshape(-1, n)` cannot infer the token count when n = 0)."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
+def check_input_dtypes(recipe: MXFP4Recipe, what: str, **tensors: Optional[torch.Tensor]) -> None:
+    """At the forward, before any work: refuse a tensor that the recipe's backward quantizers (or its
+    FP8 forward) cannot read, in one line naming the dtype and the supported ones."""
+    if not (recipe.dgrad or recipe.wgrad or recipe.forward == "fp8"):
         return
-    g = recipe.effective_rht_block
-    step = max(BLOCK, g)
-    if size % step:
-        fix = " or set rht_block to 32 or 0" if g > BLOCK and size % BLOCK == 0 else ""
-        raise ValueError(
-            f"{what} has size {size}, which is not a multiple of {step} (MX block {BLOCK}"
-            f"{f', RHT block {g}' if g else ''}); pad it to a multiple of {step}{fix}"
-        )
+    for name, t in tensors.items():
+        if t is not None and t.dtype not in _FLOAT_DTYPES:
+            supported = ", ".join(str(d).removeprefix("torch.") for d in _FLOAT_DTYPES)
+            raise TypeError(f"{what}: {name} is {str(t.dtype).removeprefix('torch.')}; the MXFP4 layers support "
+                            f"{supported} (cast the model, or use recipe=None)")
 
 
 def gemm_signs(recipe: MXFP4Recipe, key: StreamKey, gemm: Gemm, device) -> Optional[torch.Tensor]:
@@ -91,7 +99,6 @@ def _quantize(t: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey, gemm: Gemm, 
 def quantize_grad_output(dy: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey):
     """dY [T, out] quantized for both GEMMs from one read (the dual kernel): (dgrad operand, along out;
     wgrad operand dYᵀ, along tokens), bit-identical to what `dgrad` and `wgrad` quantize themselves."""
-    check_reduction_dim(dy.shape[1], recipe, "dgrad reduction (output features)")
     return quantize_mxfp4_dual(
         dy, rounding=recipe.rounding, rht_block=recipe.effective_rht_block,
         signs_row=_dual_signs(recipe, key, Gemm.DGRAD, dy.device), signs_col=_dual_signs(recipe, key, Gemm.WGRAD, dy.device),
@@ -105,7 +112,8 @@ def grad_output_operands(dy: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey, 
     """(qdy for `dgrad`, qdy for `wgrad`): both from `quantize_grad_output` when both GEMMs quantize dY
     in MXFP4, else (None, None) and each GEMM quantizes its own operand."""
     if not (dgrad_needed and wgrad_needed and recipe.dgrad and recipe.wgrad and recipe.backward_format == "mxfp4"
-            and diagnostics.gemm_quantized(key.name, "dgrad") and diagnostics.gemm_quantized(key.name, "wgrad")):
+            and dy.numel() and diagnostics.gemm_quantized(key.name, "dgrad")
+            and diagnostics.gemm_quantized(key.name, "wgrad")):
         return None, None
     return quantize_grad_output(dy, recipe, key)
 
@@ -115,12 +123,13 @@ def dgrad(dy: torch.Tensor, weight: torch.Tensor, recipe: MXFP4Recipe, key: Stre
     """dX = dY · W with both operands in MXFP4 along out. dy [T, out], weight [out, in].
     `qdy`: dY already quantized (`grad_output_operands`). `out_dtype`: written by the GEMM's epilogue
     (float32 accumulation, one rounding to out_dtype; float32 while diagnostics sample)."""
+    if not (dy.numel() and weight.numel()):  # 0 tokens or a 0-sized layer: nothing to quantize
+        return torch.zeros(dy.shape[0], weight.shape[1], dtype=out_dtype, device=dy.device)
     exact = lambda: diagnostics.exact_product(dy, weight)  # noqa: E731
     if not diagnostics.gemm_quantized(key.name, "dgrad"):
         return exact()
     if recipe.backward_format == "fp8":
         return fp8_matmul(dy, weight.t().contiguous(), out_dtype=out_dtype)
-    check_reduction_dim(dy.shape[1], recipe, "dgrad reduction (output features)")
     signs = qdy.signs if qdy is not None else gemm_signs(recipe, key, Gemm.DGRAD, dy.device)
     a = qdy if qdy is not None else _quantize(dy, recipe, key, Gemm.DGRAD, Operand.GRAD_OUTPUT, signs)
     b = _quantize(weight.t(), recipe, key, Gemm.DGRAD, Operand.WEIGHT, signs)
@@ -138,6 +147,10 @@ def wgrad(dy: torch.Tensor, x: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey
     `qdy`: dYᵀ already quantized (`grad_output_operands`). `accumulate_into`: a float32 [out, in]
     tensor (Megatron's `main_grad`) that dW is added to in place by the GEMM's epilogue, and returned;
     else dW in `out_dtype` (float32 while diagnostics sample)."""
+    if not (dy.numel() and x.numel()):  # 0 tokens or a 0-sized layer: dW = 0 (or main_grad as it is)
+        if accumulate_into is not None:
+            return accumulate_into
+        return torch.zeros(dy.shape[1], x.shape[1], dtype=out_dtype, device=dy.device)
     exact = lambda: diagnostics.exact_product(dy.t(), x)  # noqa: E731
     if not diagnostics.gemm_quantized(key.name, "wgrad"):
         return _accumulate(exact(), accumulate_into)

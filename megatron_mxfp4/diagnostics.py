@@ -59,11 +59,9 @@ def _error_stats(exact: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
 
 def _operand_stats(x: torch.Tensor, signs: Optional[torch.Tensor], codes: torch.Tensor) -> torch.Tensor:
     """[clip_frac, zero_frac] as a float64 tensor on x's device (see `operand_stats`)."""
-    # K zero-padded to the quantizer's multiple of max(32, g) (DESIGN §3), the codes cut or padded to it
-    step = max(fmt.BLOCK, 0 if signs is None else signs.numel())
-    k = -(-x.shape[-1] // step) * step
-    y = torch.nn.functional.pad(x.to(torch.float32), (0, k - x.shape[-1]))
-    codes = torch.nn.functional.pad(codes[..., :k], (0, k - min(k, codes.shape[-1])))
+    y = x.to(torch.float32)
+    if codes.shape[-1] != y.shape[-1]:  # K was zero-padded by the quantizer: rotate the same padded rows
+        y = torch.nn.functional.pad(y, (0, codes.shape[-1] - y.shape[-1]))
     if signs is not None:
         y = apply_rht(y, signs)
     blocks = y.reshape(y.shape[0], -1, fmt.BLOCK)
@@ -91,7 +89,8 @@ def gemm_error_stats(exact: torch.Tensor, approx: torch.Tensor) -> Dict[str, flo
 
 
 def operand_stats(x: torch.Tensor, signs: Optional[torch.Tensor], codes: torch.Tensor) -> Tuple[float, float]:
-    """(clip_frac, zero_frac) of operand `x` [M, K] quantized along K into `codes` [M, K].
+    """(clip_frac, zero_frac) of operand `x` [M, K] quantized along K into `codes` [M, Kp] (K zero-padded
+    to Kp by the quantizer: the statistics are those of the padded operand the GEMM reads).
 
     clip_frac counts blocks whose scaled max lies in (6, 8), i.e. that round-to-nearest without the
     3/4 prescale would clip; zero_frac counts nonzero (rotated) entries whose code is ±0.

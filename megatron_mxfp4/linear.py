@@ -46,7 +46,8 @@ class MXFP4LinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, recipe: MXFP4Recipe, key: bwd.StreamKey):
         if x.shape[-1] != weight.shape[1]:
             raise ValueError(f"input features {x.shape[-1]} do not match weight {tuple(weight.shape)}")
-        x2d = x.reshape(-1, x.shape[-1])
+        bwd.check_input_dtypes(recipe, key.name or "mxfp4_linear", x=x, weight=weight)
+        x2d = bwd.as_tokens(x)
         y = forward_gemm(x2d, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), recipe)
         ctx.save_for_backward(x, weight)
         ctx.recipe, ctx.key, ctx.has_bias = recipe, key, bias is not None
@@ -56,8 +57,8 @@ class MXFP4LinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         recipe, key = ctx.recipe, ctx.key
-        dy2d = dy.reshape(-1, dy.shape[-1])
-        x2d = x.reshape(-1, x.shape[-1])
+        dy2d = bwd.as_tokens(dy)
+        x2d = bwd.as_tokens(x)
         dx = dw = db = None
         qd, qw = bwd.grad_output_operands(dy2d, recipe, key, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         if ctx.needs_input_grad[0]:
@@ -93,8 +94,8 @@ def mxfp4_linear(
 ) -> torch.Tensor:
     """`F.linear` whose backward GEMMs run in MXFP4 under `recipe`.
 
-    x [..., in], weight [out, in]. dgrad reduces over `out` and wgrad over the flattened tokens of
-    x: both must be multiples of 32 (and of the RHT block). `call_index` selects the random
+    x [..., in], weight [out, in], any sizes: dgrad reduces over `out` and wgrad over the flattened
+    tokens of x, each zero-padded inside the quantizers (DESIGN §3). `call_index` selects the random
     stream; by default each call takes a fresh one. `name` labels the layer in diagnostics.
     """
     _check_linear_inputs(x, weight, bias)
@@ -108,8 +109,8 @@ def mxfp4_linear(
 class MXFP4Linear(nn.Linear):
     """`nn.Linear` with an MXFP4 backward. Same parameters and state_dict keys as `nn.Linear`.
 
-    `recipe=None` behaves exactly like `nn.Linear`. The output-feature count (dgrad's reduction)
-    is checked at construction; the token count (wgrad's) at the first backward.
+    `recipe=None` behaves exactly like `nn.Linear`. Any feature and token counts: the backward
+    zero-pads its reduction dimensions (DESIGN §3).
     """
 
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None,
@@ -119,9 +120,6 @@ class MXFP4Linear(nn.Linear):
         self.layer_id = (next(_layer_ids) % (1 << 16)) if layer_id is None else layer_id
         self.mxfp4_name = f"linear{self.layer_id}"  # convert_linears sets the qualified name
         self._calls = 0
-        if recipe is not None and recipe.dgrad:
-            bwd.check_reduction_dim(out_features, recipe,
-                                    f"MXFP4Linear({in_features}, {out_features}): out_features (dgrad reduction)")
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, recipe: Optional[MXFP4Recipe] = MXFP4Recipe(),

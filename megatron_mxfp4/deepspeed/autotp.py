@@ -38,7 +38,8 @@ class MXFP4AsyncColumnParallelFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, group, x, weight, bias, recipe: MXFP4Recipe, key: bwd.StreamKey):
-        x2d = x.reshape(-1, x.shape[-1])
+        bwd.check_input_dtypes(recipe, key.name or "MXFP4LinearLayer", x=x, weight=weight)
+        x2d = bwd.as_tokens(x)
         y = forward_gemm(x2d, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), recipe)
         ctx.save_for_backward(x, weight)
         ctx.group, ctx.recipe, ctx.key, ctx.has_bias = group, recipe, key, bias is not None
@@ -48,8 +49,8 @@ class MXFP4AsyncColumnParallelFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         recipe, key = ctx.recipe, ctx.key
-        dy2d = dy.reshape(-1, dy.shape[-1])
-        x2d = x.reshape(-1, x.shape[-1])
+        dy2d = bwd.as_tokens(dy)
+        x2d = bwd.as_tokens(x)
         qd, qw = bwd.grad_output_operands(dy2d, recipe, key, True, ctx.needs_input_grad[2])
         dx = bwd.grad_input(dy2d, weight, recipe, key, qdy=qd, out_dtype=x.dtype).to(x.dtype).reshape(x.shape).contiguous()
         handle = ds_comm.all_reduce(dx, group=ctx.group, async_op=True)

@@ -27,7 +27,6 @@ from typing import Callable, List, Optional, Tuple
 
 from torch import nn
 
-from .. import backward as bwd
 from ..recipe import MXFP4Recipe
 from .layers import MXFP4DeepSpeedLinear, _StreamMixin, mxfp4_conv1d_class
 
@@ -47,11 +46,6 @@ def _autotp_classes() -> dict:
     return AUTOTP_CLASSES
 
 
-def _full_shape(p) -> Tuple[int, ...]:
-    """A parameter's shape on this rank before ZeRO-3 partitioning (`ds_shape`), else its shape."""
-    return tuple(getattr(p, "ds_shape", p.shape))
-
-
 def _target_class(module: nn.Module) -> Optional[type]:
     """The MXFP4 class a module converts to, or None when it is not a convertible linear."""
     t = type(module)
@@ -61,15 +55,6 @@ def _target_class(module: nn.Module) -> Optional[type]:
     if conv1d is not None and t is conv1d:
         return mxfp4_conv1d_class(conv1d)
     return _autotp_classes().get(t)
-
-
-def _dgrad_reduction(module: nn.Module, target: type) -> int:
-    """dgrad's reduction dim (the output features this rank computes)."""
-    if hasattr(module, "nf") and not isinstance(module, nn.Linear):  # Conv1D: W [in, out]
-        return int(module.nf)
-    if isinstance(module, nn.Linear):
-        return int(module.out_features)
-    return _full_shape(module.weight)[0]  # AutoTP: W [out (local), in (local)]
 
 
 def _head_modules(model: nn.Module) -> set:
@@ -128,9 +113,8 @@ def convert(model: nn.Module, recipe: Optional[MXFP4Recipe] = MXFP4Recipe(),
 
     `filter(qualified_name, module) -> bool` chooses among the convertible layers (default: all but
     the LM head). `recipe=None` leaves the model unchanged. Chosen layers already converted get `recipe`
-    (and keep their layer id and call counter). Every layer's dgrad reduction dim (its local output
-    features) is checked before anything is changed; the offending layers are named in the error.
-    Returns the model (the engine's module when an engine was passed).
+    (and keep their layer id and call counter). Layers of any size convert (the backward zero-pads
+    its reduction dimensions, DESIGN §3). Returns the model (the engine's module when an engine was passed).
     """
     if recipe is None:
         return _unwrap(model)
@@ -164,21 +148,9 @@ def convert(model: nn.Module, recipe: Optional[MXFP4Recipe] = MXFP4Recipe(),
         keep = set(range(recipe.bf16_first_layers)) | set(range(n_blocks - recipe.bf16_last_layers, n_blocks))
         skip_blocks = {n for n, i in index.items() if i in keep}
 
-    plan, errors = [], []
     for layer_id, (name, m, target) in enumerate(candidates):
         if id(m) in heads or name in skip_blocks or (filter is not None and not filter(name, m)):
             continue
-        if recipe.dgrad:
-            try:
-                bwd.check_reduction_dim(_dgrad_reduction(m, target or type(m)), recipe,
-                                        f"{name} ({type(m).__name__}): output features (dgrad reduction)")
-            except ValueError as e:
-                errors.append(str(e))
-                continue
-        plan.append((layer_id, name, m, target))
-    if errors:
-        raise ValueError("convert: " + "; ".join(errors) + ". Exclude such layers with `filter`.")
-    for layer_id, name, m, target in plan:
         if target is None:  # already converted: take the new recipe, keep the stream position
             m.recipe = recipe
             m._mxfp4_seed = None
@@ -195,21 +167,16 @@ def restore_conversions(model: nn.Module) -> int:
     (see the module docstring); returns how many were restored."""
     model = _unwrap(model)
     classes = _autotp_classes()
-    restored = []
-    for name, m in model.named_modules():
+    restored = 0
+    for m in model.modules():
         target = classes.get(type(m))
         conversion = getattr(getattr(m, "weight", None), "_mxfp4_conversion", None)
         if target is None or conversion is None:
             continue
-        recipe, layer_id, old_name = conversion
-        if recipe.dgrad:
-            bwd.check_reduction_dim(_dgrad_reduction(m, target), recipe,
-                                    f"{name} ({type(m).__name__}): output features (dgrad reduction)")
-        restored.append((m, target, recipe, layer_id, old_name))
-    for m, target, recipe, layer_id, old_name in restored:
         m.__class__ = target
-        m._mxfp4_setup(recipe, layer_id, old_name)
-    return len(restored)
+        m._mxfp4_setup(*conversion)  # (recipe, layer id, name)
+        restored += 1
+    return restored
 
 
 def converted_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:

@@ -99,7 +99,8 @@ class MXFP4Conv1DFunction(torch.autograd.Function):
         if x.shape[-1] != weight.shape[0]:
             raise ValueError(f"input features {x.shape[-1]} do not match Conv1D weight {tuple(weight.shape)} "
                              f"[in, out]")
-        x2d = x.reshape(-1, x.shape[-1])
+        bwd.check_input_dtypes(recipe, key.name or "MXFP4Conv1D", x=x, weight=weight)
+        x2d = bwd.as_tokens(x)
         w = weight.to(x.dtype)
         b = None if bias is None else bias.to(x.dtype)
         if recipe.forward == "bf16":  # the operation of HF Conv1D itself
@@ -114,8 +115,8 @@ class MXFP4Conv1DFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         recipe, key = ctx.recipe, ctx.key
-        dy2d = dy.reshape(-1, dy.shape[-1])
-        x2d = x.reshape(-1, x.shape[-1])
+        dy2d = bwd.as_tokens(dy)
+        x2d = bwd.as_tokens(x)
         dx = dw = db = None
         qd, qw = bwd.grad_output_operands(dy2d, recipe, key, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         if ctx.needs_input_grad[0]:

@@ -66,6 +66,7 @@ class MXFP4ParallelLinearFunction(torch.autograd.Function):
     def forward(ctx, input, weight, bias, recipe: MXFP4Recipe, key: bwd.StreamKey,
                 gradient_accumulation_fusion: bool, allreduce_dgrad: bool, sequence_parallel: bool,
                 tp_group, name: str):
+        bwd.check_input_dtypes(recipe, name, input=input, weight=weight)  # before any collective
         wgrad_needed = weight.requires_grad
         ctx.main_grad = weight.main_grad if (gradient_accumulation_fusion and wgrad_needed
                                              and hasattr(weight, "main_grad")) else None
@@ -86,7 +87,7 @@ class MXFP4ParallelLinearFunction(torch.autograd.Function):
         if recipe.forward == "bf16":
             output = torch.matmul(total_input, weight.t())  # exactly Megatron's forward GEMM
         else:
-            x2d = total_input.reshape(-1, total_input.shape[-1])
+            x2d = bwd.as_tokens(total_input)
             output = forward_gemm(x2d, weight.to(x2d.dtype), None, recipe)
             # not a view (as torch.matmul's result): Megatron's cross entropy edits logits in place
             output = torch.ops.aten._unsafe_view(output, (*total_input.shape[:-1], weight.shape[0]))
@@ -110,7 +111,7 @@ class MXFP4ParallelLinearFunction(torch.autograd.Function):
             total_input = input
 
         # 2. dgrad over the local output features (dY read once for both GEMMs when both are MXFP4)
-        dy2d = grad_output.reshape(-1, grad_output.shape[-1])
+        dy2d = bwd.as_tokens(grad_output)
         qd, qw = bwd.grad_output_operands(dy2d, recipe, key, True, wgrad)
         grad_input = bwd.grad_input(dy2d, weight, recipe, key, qdy=qd, out_dtype=ctx.input_dtype).to(ctx.input_dtype)
         grad_input = grad_input.view(*grad_output.shape[:-1], weight.shape[1])
@@ -151,7 +152,7 @@ class MXFP4ParallelLinearFunction(torch.autograd.Function):
         # 6. bias gradient from the unquantized dY
         grad_bias = None
         if ctx.use_bias:
-            dy2d = grad_output.reshape(-1, grad_output.shape[-1])
+            dy2d = bwd.as_tokens(grad_output)
             grad_bias = dy2d.sum(dim=0)
 
         if handle is not None:
@@ -165,8 +166,8 @@ def _as_2d(grad_output: torch.Tensor, total_input: torch.Tensor):
     grad_output = grad_output.contiguous()
     total_input = total_input.contiguous()
     if grad_output.dim() > 2:
-        grad_output = grad_output.view(-1, grad_output.shape[-1])
-        total_input = total_input.view(-1, total_input.shape[-1])
+        grad_output = bwd.as_tokens(grad_output)
+        total_input = bwd.as_tokens(total_input)
     return grad_output, total_input
 
 

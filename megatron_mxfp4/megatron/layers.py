@@ -6,9 +6,9 @@ checkpoint layout) plus a keyword `recipe: MXFP4Recipe` (and an optional `layer_
 only `_forward_impl` (a method since core 0.14) to call the project's own autograd Function
 (`function.py`). `recipe=None` is exactly stock Megatron.
 
-- The dgrad reduction dim is checked at construction, per TP rank: the local output features
-  (`output_size / tp` for column-parallel, `output_size` for row-parallel). wgrad reduces over the
-  tokens, any count (0 included: MoE experts): the quantizer zero-pads them (DESIGN §3).
+- Any sizes (DESIGN §3): dgrad reduces over the local output features (`output_size / tp` for
+  column-parallel, `output_size` for row-parallel), wgrad over the (gathered) tokens, any count (0 included:
+  MoE experts), each zero-padded inside the quantizers. The forward refuses only input dtypes the quantizers cannot read.
 - Gradient-accumulation fusion is honoured without apex: the layer is built from a shallow copy of
   the config with the flag off (the stock constructor demands apex), and the Function adds the FP32
   wgrad into `weight.main_grad` itself.
@@ -113,10 +113,6 @@ class _MXFP4ParallelMixin:
         self._mxfp4_calls = 0
         self._mxfp4_seed = None
         self._emulated_fusion = emulated_fusion
-        if recipe is not None and recipe.dgrad:
-            bwd.check_reduction_dim(
-                self._dgrad_reduction_size(), recipe,
-                f"{self.mxfp4_name}: dgrad reduction ({self._dgrad_reduction_what()})")
 
     def _mxfp4_name(self, name: Optional[str]) -> str:
         return name or f"{type(self).__name__}({self.input_size}, {self.output_size})"
@@ -129,9 +125,6 @@ class _MXFP4ParallelMixin:
         if recipe is None and self._emulated_fusion:
             raise ValueError(f"{self.mxfp4_name}: built with gradient-accumulation fusion but without apex; "
                              "it cannot return to the stock path (use unquantized(recipe))")
-        if recipe is not None and recipe.dgrad:
-            bwd.check_reduction_dim(self._dgrad_reduction_size(), recipe,
-                                    f"{self.mxfp4_name}: dgrad reduction ({self._dgrad_reduction_what()})")
         self.recipe = recipe
         if layer_id is not None:
             if not 0 <= layer_id < (1 << 16):
@@ -220,12 +213,6 @@ class MXFP4ColumnParallelLinear(_MXFP4ParallelMixin, ColumnParallelLinear):
             self.gradient_accumulation_fusion = True
         self._mxfp4_init(recipe, layer_id, kwargs.get("name"), emulated)
 
-    def _dgrad_reduction_size(self) -> int:
-        return self.output_size_per_partition
-
-    def _dgrad_reduction_what(self) -> str:
-        return f"local output features = output_size {self.output_size} / tensor-parallel size"
-
     @classmethod
     def adopt(cls, module: ColumnParallelLinear, recipe: MXFP4Recipe, layer_id: int,
               name: str = "output_layer") -> "MXFP4ColumnParallelLinear":
@@ -251,9 +238,3 @@ class MXFP4RowParallelLinear(_MXFP4ParallelMixin, RowParallelLinear):
             self.config = config
             self.gradient_accumulation_fusion = True
         self._mxfp4_init(recipe, layer_id, kwargs.get("name"), emulated)
-
-    def _dgrad_reduction_size(self) -> int:
-        return self.output_size
-
-    def _dgrad_reduction_what(self) -> str:
-        return "output features"

@@ -181,13 +181,15 @@ def test_layer_ids_stable_and_reconvert_updates_recipe():
     assert model.blocks[1].up._calls == calls and model.blocks[0].up.layer_id == 0
 
 
-def test_reduction_dim_error_names_layer_and_changes_nothing():
-    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 48), nn.Linear(48, 64))
-    with pytest.raises(ValueError, match=r"1 \(Linear\).*48.*filter"):
-        mds.convert(model, MXFP4Recipe())
-    assert not mds.converted_modules(model)
-    mds.convert(model, MXFP4Recipe(), filter=lambda n, m: n != "1")
-    assert [n for n, _ in mds.converted_modules(model)] == ["0", "2"]
+def test_layers_of_any_size_convert_and_train():
+    """48 and 12 output features, 5 tokens: converted, and the backward zero-pads (DESIGN §3)."""
+    model = nn.Sequential(nn.Linear(64, 48), nn.Linear(48, 12), nn.Linear(12, 64))
+    mds.convert(model, MXFP4Recipe())
+    assert [n for n, _ in mds.converted_modules(model)] == ["0", "1", "2"]
+    model(torch.randn(5, 64)).sum().backward()
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in model.parameters())
+    with pytest.raises(TypeError, match="float64"):
+        model.double()(torch.randn(5, 64, dtype=torch.float64))
 
 
 def test_none_recipe_and_bad_arguments():
