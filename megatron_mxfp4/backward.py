@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from . import diagnostics
-from .numerics.quantize import _FLOAT_DTYPES, MXFP4Tensor
+from .numerics.quantize import FLOAT_DTYPES, MXFP4Tensor
 from .numerics.rht import draw_signs
 from .numerics.streams import Gemm, Operand, stream_offset
 from .ops import fp8_matmul, mxfp4_gemm, quantize_mxfp4, quantize_mxfp4_dual
@@ -58,8 +58,8 @@ def check_input_dtypes(recipe: MXFP4Recipe, what: str, **tensors: Optional[torch
     if not (recipe.dgrad or recipe.wgrad or recipe.forward == "fp8"):
         return
     for name, t in tensors.items():
-        if t is not None and t.dtype not in _FLOAT_DTYPES:
-            supported = ", ".join(str(d).removeprefix("torch.") for d in _FLOAT_DTYPES)
+        if t is not None and t.dtype not in FLOAT_DTYPES:
+            supported = ", ".join(str(d).removeprefix("torch.") for d in FLOAT_DTYPES)
             raise TypeError(f"{what}: {name} is {str(t.dtype).removeprefix('torch.')}; the MXFP4 layers support "
                             f"{supported} (cast the model, or use recipe=None)")
 

@@ -26,7 +26,8 @@ from .philox import dither_bytes
 from .rht import apply_rht, check_rht_block, draw_signs
 
 ROUNDINGS = ("rtn", "sr")
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: Input dtypes the quantizers read (and the GEMMs write).
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ def check_quantize_args(x: torch.Tensor, dim: int, rht_block: int, signs: Option
     """Validate inputs of quantize_mxfp4 (any size is accepted: DESIGN §3); returns the normalized dim."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"quantize_mxfp4 expects a tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"quantize_mxfp4 supports float32/bfloat16/float16 input, got {x.dtype}")
     if x.dim() == 0:
         raise ValueError("quantize_mxfp4 needs at least one dimension")
@@ -199,7 +200,7 @@ def check_gemm_operands(a: MXFP4Tensor, b: MXFP4Tensor, out_dtype: torch.dtype,
     # identity first: torch.equal on a GPU synchronizes the host (the backward passes one signs tensor)
     if a.rht_block and a.signs is not b.signs and not torch.equal(a.signs, b.signs):
         raise ValueError("mxfp4_gemm: operands use different RHT signs; the transform would not cancel")
-    if out_dtype not in _FLOAT_DTYPES:
+    if out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"mxfp4_gemm: out_dtype must be float32/bfloat16/float16, got {out_dtype}")
     if accumulate_into is not None:
         if not isinstance(accumulate_into, torch.Tensor):
