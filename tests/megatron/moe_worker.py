@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import worker as W  # noqa: E402  (CPU shims, megatron imports, recipes, helpers)
-from worker import DEVICE, IDENTITY, ON, ON32, RANK, equal  # noqa: E402
+from worker import DEVICE, IDENTITY, ON, RANK, equal  # noqa: E402
 
 import dist_helpers as H  # noqa: E402
 import megatron_mxfp4.megatron as mm  # noqa: E402
@@ -102,7 +102,7 @@ def moe_parity():
                 "keys_equal": all_ranks(list(stock.state_dict()) == list(plug.state_dict())),
             }
             # a checkpoint of the MXFP4 model loads into plain megatron-core (forward unquantized: same loss)
-            on = _moe_gpt(H.tiny_moe_config(ep=ep, etp=etp), ON32, seed=9)
+            on = _moe_gpt(H.tiny_moe_config(ep=ep, etp=etp), ON, seed=9)
             with torch.no_grad():
                 lo = H.gpt_loss(on, batch)
                 stock.load_state_dict(on.state_dict(), strict=True)
