@@ -117,7 +117,9 @@ def test_bf16_weights_with_fp32_masters(tmp_path, small_data, megatron_cpu):
     out = str(tmp_path / "bf16w")
     assert main(["--data-path", small_data, "--arms", "bf16,mxfp4-rht-sr", "--steps", "2", "--eval-interval", "2",
                  "--dtype", "bf16", "--out", out, *SMALL]) == 0
-    sd = torch.load(os.path.join(out, "mxfp4-rht-sr-s1", "ckpt", "iter_0000001", "tp00.pt"), weights_only=False)
+    from megatron_mxfp4.train import checkpoint
+
+    sd = checkpoint.read(os.path.join(out, "mxfp4-rht-sr-s1", "ckpt", "iter_0000001", "tp00.pt"))
     weights = [v for k, v in sd["model"].items() if k.endswith("linear_fc1.weight")]
     assert weights and all(w.dtype == torch.bfloat16 for w in weights)
     masters = [m for m in sd["optimizer"]["master"] if m is not None]
@@ -153,7 +155,7 @@ def test_hard_stop_resumes_on_the_same_trajectory(tmp_path, small_data, megatron
     # without restoring the MXFP4 call counters the random streams would repeat: the trajectory differs
     from megatron_mxfp4.train import checkpoint
 
-    sd = torch.load(os.path.join(run, "ckpt", "iter_0000007", "tp00.pt"), weights_only=False)
+    sd = checkpoint.read(os.path.join(run, "ckpt", "iter_0000007", "tp00.pt"))
     assert sd["mxfp4_counters"] and all(v > 0 for v in sd["mxfp4_counters"].values())
     assert checkpoint.latest_step(run) == 7
     # --time-limit: a graceful stop after the first step (checkpoint, exit code 3), then the same command
