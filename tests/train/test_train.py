@@ -39,6 +39,13 @@ def test_quick_start_shortened(tmp_path, megatron_cpu, capsys):
     assert len(set(later.values())) == 3, later  # the backward differs
     md = open(os.path.join(out, "summary.md")).read()
     assert "float32" in md and "stdlib" in md and os.path.exists(os.path.join(out, "loss.png"))
+    # then `mxfp4-report runs/tiny`: a heat map per MXFP4 arm, one table
+    from megatron_mxfp4.report import main as report_main
+
+    assert report_main([out]) == 0
+    table = capsys.readouterr().out
+    for arm in ("mxfp4", "mxfp4-rht-sr"):
+        assert f"| {arm}-s1 | 16 | 1 |" in table and os.path.exists(os.path.join(out, f"{arm}-s1", "diagnostics-snr.png"))
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["config"]["steps"] == 4 and cfg["data"]["tokens"] > 1_000_000
     # re-running the finished command trains nothing and reprints the table
