@@ -5,14 +5,22 @@ a checkpoint continues with the same loss trajectory.
 Layout: ``ckpt/iter_0000100/tp00.pt`` (one file per tensor-parallel rank, written by data-parallel
 rank 0) and ``ckpt/latest`` (the step of the newest complete checkpoint, written last).
 Resuming needs the same tensor-parallel size.
+
+A checkpoint holds tensors, numbers, strings, None and plain containers only, and is read back with
+torch's weights-only unpickler, whose allowlist is exactly that: loading one runs no pickled code,
+and a file that holds anything else is refused.
 """
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import shutil
 from typing import Optional
 
 import torch
+
+from .errors import UsageError
 
 KEEP = 2
 
@@ -105,13 +113,26 @@ def keep_only_latest(run_dir: str) -> None:
         _prune(run_dir, step, keep=1)
 
 
+def read(path: str) -> dict:
+    """The state in a checkpoint file, on the CPU; UsageError when the file holds anything but
+    tensors and plain values (its pickle could run code: it is not unpickled)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f"a reference to {found.group(1)}" if found else "pickle instructions"
+        raise UsageError(f"refusing to load checkpoint {path}: it holds {what}, which a run state never does, and "
+                         "unpickling it could run code; delete it, or the arm's folder, to train that arm afresh") \
+            from None
+
+
 def load(run_dir: str, step: int, gpt, optimizer, dist) -> dict:
     path = os.path.join(ckpt_dir(run_dir, step), f"tp{dist.tp_rank:02d}.pt")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path} is missing (resuming needs the same --tp as the run that saved it)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+        raise UsageError(f"checkpoint {path} is missing (resuming needs the same --tp as the run that saved it)")
+    state = read(path)
     if state.get("tp", 1) != dist.tp:
-        raise RuntimeError(f"checkpoint {path} was saved with --tp {state.get('tp')}; this run has --tp {dist.tp}")
+        raise UsageError(f"checkpoint {path} was saved with --tp {state.get('tp')}; this run has --tp {dist.tp}")
     gpt.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     set_mxfp4_counters(gpt, state["mxfp4_counters"])

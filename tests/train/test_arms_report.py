@@ -140,3 +140,51 @@ def test_docs_arms_table_matches_the_code():
     doc = open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "training.md"), encoding="utf-8").read()
     missing = [line for line in arms_table().splitlines() if line not in doc]
     assert not missing, "docs/training.md's arms table is out of date: " + "; ".join(missing)
+
+
+def _diagnosed_run(root, name, snrs, step_times=None):
+    """An arm folder with a diagnostics log (one check of two GEMMs of two layers per value of `snrs`)."""
+    from megatron_mxfp4.diagnostics import MXFP4Monitor
+
+    d = root / name
+    d.mkdir(parents=True)
+    mon = MXFP4Monitor(interval=1, jsonl_path=str(d / "diagnostics.jsonl"))
+    for snr in snrs:
+        for i, layer in enumerate(("decoder.layers.0.mlp.linear_fc1", "decoder.layers.1.mlp.linear_fc1")):
+            for gemm in ("dgrad", "wgrad"):
+                mon.record(layer, gemm, dict(snr=snr + i))
+        mon.end_step()
+    return d
+
+
+def test_mxfp4_report_on_a_run_folder_of_several_arms(tmp_path, capsys):
+    """`mxfp4-report runs/tiny`: one heat map per arm folder with diagnostics, one table for all."""
+    from megatron_mxfp4.report import main as report_main
+
+    pytest.importorskip("matplotlib")
+    _fake_run(tmp_path, "bf16", 1, [5.0, 4.0], 4.0)  # no diagnostics: not in the table
+    _diagnosed_run(tmp_path, "mxfp4-s1", [3.0, 2.0, 2.5])
+    _diagnosed_run(tmp_path, "mxfp4-rht-sr-s1", [6.0, 7.0])
+    assert report_main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| mxfp4-s1 | 4 | 3 | 2 (0.mlp.linear_fc1 dgrad, step 1) | 3 | 0 | — |" in out
+    assert "| mxfp4-rht-sr-s1 | 4 | 2 | 6 (0.mlp.linear_fc1 dgrad, step 0) | 7.5 | 0 | — |" in out
+    assert "bf16" not in out
+    for arm in ("mxfp4-s1", "mxfp4-rht-sr-s1"):
+        assert (tmp_path / arm / "diagnostics-snr.png").read_bytes()[:4] == b"\x89PNG"
+    assert report_main([str(tmp_path / "mxfp4-s1")]) == 0  # one arm's folder: the per-layer table
+    assert "| decoder.layers.1.mlp.linear_fc1 | wgrad | 3 | 4 | 3.5 | 3 |" in capsys.readouterr().out
+
+
+def test_mxfp4_report_errors_in_one_line(tmp_path, capsys):
+    from megatron_mxfp4.report import main as report_main
+
+    _fake_run(tmp_path, "bf16", 1, [5.0, 4.0], 4.0)
+    for argv, fragment in (([str(tmp_path)], "no diagnostics log in"), ([str(tmp_path / "none")], "does not exist")):
+        assert report_main(argv) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith("mxfp4-report: error: ") and fragment in err[0], err
+    _diagnosed_run(tmp_path, "mxfp4-s1", [3.0])
+    _diagnosed_run(tmp_path, "mxfp4-sr-s1", [3.0])
+    assert report_main([str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
+    assert "holds 2 runs" in capsys.readouterr().err

@@ -115,3 +115,29 @@ def test_trim_logs_keeps_the_records_up_to_the_checkpoint(tmp_path):
     trim_logs(str(tmp_path), None)  # a fresh start: nothing is kept
     assert (tmp_path / "metrics.jsonl").read_text() == "" and (tmp_path / "diagnostics.jsonl").read_text() == ""
     assert sorted(os.listdir(tmp_path)) == ["diagnostics.jsonl", "metrics.jsonl", "notes.txt"]
+
+
+class _Payload:
+    """Pickles as a call of os.system: what a tampered checkpoint could hold."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_a_checkpoint_with_pickled_code_is_refused(tmp_path, small_data, megatron_cpu, capsys):
+    import torch
+
+    out, marker = tmp_path / "run", tmp_path / "code-ran"
+    ckpt = out / "bf16-s1" / "ckpt"
+    (ckpt / "iter_0000001").mkdir(parents=True)
+    torch.save({"step": 1, "model": _Payload(f"touch {marker}"), "tp": 1}, ckpt / "iter_0000001" / "tp00.pt")
+    (ckpt / "latest").write_text("1\n")
+    assert main(["--data-path", small_data, "--arms", "bf16", "--steps", "4", "--out", str(out), *SMALL]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"mxfp4-train: error: refusing to load checkpoint {ckpt / 'iter_0000001' / 'tp00.pt'}: it holds a "
+                   f"reference to {os.system.__module__}.system, which a run state never does, and unpickling it "
+                   "could run code; delete it, or the arm's folder, to train that arm afresh"]
+    assert not marker.exists()

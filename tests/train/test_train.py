@@ -39,6 +39,13 @@ def test_quick_start_shortened(tmp_path, megatron_cpu, capsys):
     assert len(set(later.values())) == 3, later  # the backward differs
     md = open(os.path.join(out, "summary.md")).read()
     assert "float32" in md and "stdlib" in md and os.path.exists(os.path.join(out, "loss.png"))
+    # then `mxfp4-report runs/tiny`: a heat map per MXFP4 arm, one table
+    from megatron_mxfp4.report import main as report_main
+
+    assert report_main([out]) == 0
+    table = capsys.readouterr().out
+    for arm in ("mxfp4", "mxfp4-rht-sr"):
+        assert f"| {arm}-s1 | 16 | 1 |" in table and os.path.exists(os.path.join(out, f"{arm}-s1", "diagnostics-snr.png"))
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["config"]["steps"] == 4 and cfg["data"]["tokens"] > 1_000_000
     # re-running the finished command trains nothing and reprints the table
@@ -117,7 +124,9 @@ def test_bf16_weights_with_fp32_masters(tmp_path, small_data, megatron_cpu):
     out = str(tmp_path / "bf16w")
     assert main(["--data-path", small_data, "--arms", "bf16,mxfp4-rht-sr", "--steps", "2", "--eval-interval", "2",
                  "--dtype", "bf16", "--out", out, *SMALL]) == 0
-    sd = torch.load(os.path.join(out, "mxfp4-rht-sr-s1", "ckpt", "iter_0000001", "tp00.pt"), weights_only=False)
+    from megatron_mxfp4.train import checkpoint
+
+    sd = checkpoint.read(os.path.join(out, "mxfp4-rht-sr-s1", "ckpt", "iter_0000001", "tp00.pt"))
     weights = [v for k, v in sd["model"].items() if k.endswith("linear_fc1.weight")]
     assert weights and all(w.dtype == torch.bfloat16 for w in weights)
     masters = [m for m in sd["optimizer"]["master"] if m is not None]
@@ -153,7 +162,7 @@ def test_hard_stop_resumes_on_the_same_trajectory(tmp_path, small_data, megatron
     # without restoring the MXFP4 call counters the random streams would repeat: the trajectory differs
     from megatron_mxfp4.train import checkpoint
 
-    sd = torch.load(os.path.join(run, "ckpt", "iter_0000007", "tp00.pt"), weights_only=False)
+    sd = checkpoint.read(os.path.join(run, "ckpt", "iter_0000007", "tp00.pt"))
     assert sd["mxfp4_counters"] and all(v > 0 for v in sd["mxfp4_counters"].values())
     assert checkpoint.latest_step(run) == 7
     # --time-limit: a graceful stop after the first step (checkpoint, exit code 3), then the same command
