@@ -90,7 +90,8 @@ def round_sr(v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """
     a = v.abs()
     grid = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=v.device)
-    lo_code = (torch.bucketize(a, grid, right=True) - 1).clamp(0, 7)
+    # bucketize wants contiguous input (it warns and copies otherwise)
+    lo_code = (torch.bucketize(a.contiguous(), grid, right=True) - 1).clamp(0, 7)
     lo = grid[lo_code]
     hi = grid[(lo_code + 1).clamp(max=7)]
     gap = torch.where(lo_code == 7, torch.ones_like(a), hi - lo)
