@@ -8,10 +8,15 @@ Environment:
   MXFP4_CUDA_ARCHS  semicolon-separated GPU targets, default "80;90a;100a" (a target that this
                     nvcc does not know is dropped with a message); e.g. "90a" for an H100/H200 only.
   MXFP4_NVCC_FLAGS  extra nvcc flags (kernel variants for measurements, e.g. -D macros of csrc/).
+  MXFP4_CUBLASLT    "0" builds without cuBLASLt (the Hopper GEMM then runs through torch's scaled_mm).
+
+cuBLASLt (the Hopper GEMM's native call, csrc/mxfp4_gemm_hopper.cu) is taken from the CUDA toolkit, or from
+the `nvidia` wheels that CUDA builds of torch install; without it that file compiles to a stub.
 """
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -65,16 +70,45 @@ def gencode_flags(archs: str, nvcc=None) -> list:
     return flags
 
 
+def cublaslt_paths():
+    """(include dir, library file) of cuBLASLt from the CUDA toolkit or torch's `nvidia` wheels, or None."""
+    if os.environ.get("MXFP4_CUBLASLT", "1") == "0":
+        return None
+    roots = []
+    nvcc = nvcc_path()
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    for r in (home, nvcc and os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"):
+        if r:
+            roots += [(os.path.join(r, "include"), os.path.join(r, d)) for d in ("lib64", "lib", "targets/x86_64-linux/lib")]
+    spec = importlib.util.find_spec("nvidia")
+    for base in (spec.submodule_search_locations if spec else []):
+        roots += [(os.path.join(base, d, "include"), os.path.join(base, d, "lib")) for d in ("cu13", "cublas", "cu12")]
+    for inc, lib in roots:
+        libs = sorted(glob.glob(os.path.join(lib, "libcublasLt.so*")))
+        if os.path.exists(os.path.join(inc, "cublasLt.h")) and libs:
+            return inc, libs[0]
+    return None
+
+
 def extensions():
     """(ext_modules, cmdclass) for setuptools: the CUDA extension built with torch's BuildExtension."""
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     archs = os.environ.get("MXFP4_CUDA_ARCHS", DEFAULT_ARCHS)
+    includes, defines, link = [os.path.join(ROOT, "csrc")], [], []
+    lt = cublaslt_paths()
+    if lt is None:
+        print("csrc_build: cuBLASLt not found; the Hopper GEMM's native call is left out (torch's scaled_mm is used)")
+    else:
+        includes.append(lt[0])
+        defines.append("-DMXFP4_WITH_CUBLASLT")
+        link += [lt[1], "-Wl,-rpath," + os.path.dirname(lt[1])]
     ext = CUDAExtension(
         EXT_NAME,
         sources=sources(),
-        include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS + os.environ.get("MXFP4_NVCC_FLAGS", "").split()
+        include_dirs=includes,
+        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS + defines + os.environ.get("MXFP4_NVCC_FLAGS", "").split()
                                                  + gencode_flags(archs)},
+        extra_link_args=link,
     )
     return [ext], {"build_ext": BuildExtension}

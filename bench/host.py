@@ -13,6 +13,7 @@ Ratios are against nn_linear of the same shape.
 
     python bench/host.py [--shapes 256x256x256,2048x2048x8192] [--iters 50] [--out STEM]
     python bench/host.py --device cpu --iters 3      (a smoke run of the code path; CPU times mean nothing)
+    python bench/host.py --profile 20                (also: where the host time goes, per Python function)
 """
 from __future__ import annotations
 
@@ -85,6 +86,30 @@ def measure_arm(arm: str, t: int, din: int, dout: int, device, iters: int, warmu
                 wall_ms=q(gpu, 0.5), kernels=kernels)
 
 
+def profile_arm(arm: str, t: int, din: int, dout: int, device, steps: int, top: int = 30) -> str:
+    """cProfile of `steps` forward + backward calls after warm-up: the `top` functions by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    layer = build(arm, din, dout, device, dtype)
+    x = torch.randn(t, din, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(t, dout, device=device, dtype=dtype)
+    for _ in range(5):
+        layer(x).backward(dy)
+    _sync(device)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        layer(x).backward(dy)
+    prof.disable()
+    _sync(device)
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    return f"## cProfile {arm} {t}x{din}->{dout}, {steps} calls\n" + buf.getvalue()
+
+
 def markdown(result: dict) -> str:
     info = result["device"]
     lines = [f"# Host cost of one linear layer, forward + backward, on {info['device']}", "",
@@ -110,6 +135,8 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--out", default=None, help="output stem (default bench/results/host-<device>)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also print a cProfile of N calls of each MXFP4 arm at the first shape")
     args = ap.parse_args(argv)
     device = C.pick_device(args.device)
     unknown = [a for a in args.arms.split(",") if a not in ARMS]
@@ -132,6 +159,11 @@ def main(argv=None):
     text = markdown(result)
     print(text)
     C.write_results(args.out or C.default_stem("host", device), result, text)
+    if args.profile:
+        t, din, dout = shapes[0]
+        for arm in args.arms.split(","):
+            if ARMS[arm] is not None:
+                print(profile_arm(arm, t, din, dout, device, args.profile))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@
 
 #include <pybind11/pybind11.h>
 
+#include "mxfp4_fp8_cast.h"
+#include "mxfp4_gemm_hopper.h"
 #include "mxfp4_quantize.h"
 #include "mxfp4_tiles.h"
 
@@ -81,6 +83,52 @@ void mask_flagged_slabs(uintptr_t flags_a, uintptr_t flags_b, uintptr_t tile_sca
                             reinterpret_cast<cudaStream_t>(stream));
 }
 
+mxfp4::GemmOperand operand(uintptr_t data, int64_t ld_data, uintptr_t scales, int64_t ld_scales, int64_t rows) {
+  mxfp4::GemmOperand o;
+  o.data = ptr<const uint8_t>(data);
+  o.ld_data = ld_data;
+  o.scales = ptr<const uint8_t>(scales);
+  o.ld_scales = ld_scales;
+  o.rows = rows;
+  return o;
+}
+
+void gemm_hopper(uintptr_t a_data, int64_t a_ld, uintptr_t a_scales, int64_t a_lds, int64_t m, uintptr_t b_data,
+                 int64_t b_ld, uintptr_t b_scales, int64_t b_lds, int64_t n, int64_t k, float alpha, uintptr_t c,
+                 int64_t ldc, int c_type, bool accumulate, uintptr_t workspace, uint64_t workspace_size,
+                 uintptr_t lt_workspace, uint64_t lt_workspace_size, uintptr_t counter, uintptr_t stream) {
+  mxfp4::GemmParams p;
+  p.a = operand(a_data, a_ld, a_scales, a_lds, m);
+  p.b = operand(b_data, b_ld, b_scales, b_lds, n);
+  p.k = k;
+  p.alpha = alpha;
+  p.c = ptr<void>(c);
+  p.ldc = ldc;
+  p.c_type = static_cast<mxfp4::OutType>(c_type);
+  p.accumulate = accumulate;
+  p.workspace = ptr<void>(workspace);
+  p.workspace_size = workspace_size;
+  p.lt_workspace = ptr<void>(lt_workspace);
+  p.lt_workspace_size = lt_workspace_size;
+  p.counter = ptr<int32_t>(counter);
+  mxfp4::gemm_hopper(p, reinterpret_cast<cudaStream_t>(stream));
+}
+
+uint64_t gemm_hopper_workspace_size(int64_t m, int64_t n, int64_t k, int c_type, bool accumulate, uintptr_t c,
+                                    int64_t ldc) {
+  return mxfp4::gemm_hopper_workspace_size(m, n, k, static_cast<mxfp4::OutType>(c_type), accumulate, ptr<const void>(c),
+                                           ldc);
+}
+
+void fp8_cast(uintptr_t x_a, int dtype_a, int64_t n_a, uintptr_t codes_a, uintptr_t scale_a, uintptr_t x_b, int dtype_b,
+              int64_t n_b, uintptr_t codes_b, uintptr_t scale_b, int count, float inv_max, uintptr_t work,
+              uintptr_t stream) {
+  mxfp4::Fp8CastOperand ops[2];
+  ops[0] = {ptr<const void>(x_a), dtype_a, n_a, ptr<uint8_t>(codes_a), ptr<float>(scale_a)};
+  ops[1] = {ptr<const void>(x_b), dtype_b, n_b, ptr<uint8_t>(codes_b), ptr<float>(scale_b)};
+  mxfp4::fp8_cast(ops, count, inv_max, ptr<int32_t>(work), reinterpret_cast<cudaStream_t>(stream));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_mxfp4_cuda, m) {
@@ -106,4 +154,17 @@ PYBIND11_MODULE(_mxfp4_cuda, m) {
   m.def("mask_flagged_slabs", &mask_flagged_slabs, py::call_guard<py::gil_scoped_release>(),
         "mask_flagged_slabs(flags_a, flags_b, tile_scales_a, rows_a, nt, stream): flags_a |= flags_b and zero "
         "A's tile scales on the flagged slabs.");
+  m.def("gemm_hopper", &gemm_hopper, py::call_guard<py::gil_scoped_release>(),
+        "gemm_hopper(a_data, a_ld, a_scales, a_lds, m, b_data, b_ld, b_scales, b_lds, n, k, alpha, c, ldc, c_type, "
+        "accumulate, workspace, workspace_size, lt_workspace, lt_workspace_size, counter, stream): "
+        "C (+)= alpha A B^T on the FP8 tensor cores in one call (csrc/mxfp4_gemm_hopper.h); c_type 0/1/2 = "
+        "float32/bfloat16/float16.");
+  m.def("gemm_hopper_workspace_size", &gemm_hopper_workspace_size,
+        "gemm_hopper_workspace_size(m, n, k, c_type, accumulate, c, ldc): bytes of workspace gemm_hopper needs.");
+  m.def("fp8_cast", &fp8_cast, py::call_guard<py::gil_scoped_release>(),
+        "fp8_cast(x_a, dtype_a, n_a, codes_a, scale_a, x_b, dtype_b, n_b, codes_b, scale_b, count, inv_max, work, "
+        "stream): per-tensor current-scaling E4M3 cast of 1 or 2 contiguous operands in two launches "
+        "(csrc/mxfp4_fp8_cast.h).");
+  m.def("gemm_hopper_available", &mxfp4::gemm_hopper_available,
+        "True when the extension links cuBLASLt (gemm_hopper can run).");
 }

@@ -24,7 +24,7 @@ import csrc_build  # noqa: E402
 NVCC = csrc_build.nvcc_path()
 ARCHS = ("90a", "100a")
 SUBSET = ("binding.cpp", "mxfp4_quantize.cu", "mxfp4_quantize_bf16_dual.cu", "mxfp4_quantize_f32_dual.cu",
-          "mxfp4_quantize_f16_dual.cu", "mxfp4_tiles.cu")
+          "mxfp4_quantize_f16_dual.cu", "mxfp4_tiles.cu", "mxfp4_fp8_cast.cu", "mxfp4_gemm_hopper.cu")
 
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found")
 
@@ -34,8 +34,8 @@ def _includes():
     return ["-I" + os.path.join(ROOT, "csrc"), "-I" + pybind11.get_include(), "-I" + sysconfig.get_paths()["include"]]
 
 
-def _compile(src: str, out: str, archs) -> subprocess.CompletedProcess:
-    flags = csrc_build.NVCC_FLAGS + ["-Xcompiler", "-fPIC"] + _includes()
+def _compile(src: str, out: str, archs, extra=()) -> subprocess.CompletedProcess:
+    flags = csrc_build.NVCC_FLAGS + ["-Xcompiler", "-fPIC"] + _includes() + list(extra)
     if src.endswith(".cu"):
         known = csrc_build.known_archs(NVCC)
         missing = [a for a in archs if known and a.rstrip("af") not in known]
@@ -51,6 +51,16 @@ def test_every_source_is_in_the_build():
     on_disk = sorted(f for f in os.listdir(os.path.join(ROOT, "csrc")) if f.endswith((".cu", ".cpp")))
     assert names == on_disk
     assert set(SUBSET) <= set(names)
+
+
+def test_native_gemm_compiles_with_cublaslt(tmp_path):
+    """The Hopper GEMM's native call against the cuBLASLt headers (where they are found; without them the
+    file compiles to a stub, covered by the test below)."""
+    lt = csrc_build.cublaslt_paths()
+    if lt is None:
+        pytest.skip("cuBLASLt headers not found (CUDA toolkit or torch's nvidia wheels)")
+    r = _compile("mxfp4_gemm_hopper.cu", str(tmp_path / "gemm.o"), ("90a",), ["-I" + lt[0], "-DMXFP4_WITH_CUBLASLT"])
+    assert r.returncode == 0, r.stderr[-4000:]
 
 
 def test_sources_compile_for_sm90a_and_sm100a(tmp_path):

@@ -141,26 +141,27 @@ def _row_major_copy(x: torch.Tensor, sz: int) -> torch.Tensor:
     return buf[:, : x.shape[1]]
 
 
+def _copy_args(spec, dev) -> list:
+    """The extension's arguments for one written copy: (data, scales, signs, signs_out, offset, swizzled) ->
+    data, scales, k, signs, signs_out, offset pointer, offset value (swizzled scales go last)."""
+    if spec is None:
+        return [0, 0, 0, 0, 0, 0, 0]
+    data, scales, signs, signs_out, offset, _ = spec
+    off_ptr, off_val = _u64("offset", offset, dev)
+    return [data.data_ptr(), scales.data_ptr(), data.shape[1] * 2, signs.data_ptr() if signs is not None else 0,
+            signs_out.data_ptr() if signs_out is not None else 0, off_ptr, off_val]
+
+
 def _launch(mode: int, base: torch.Tensor, g: int, sr: bool, p: float, seed, *, row=None, col=None) -> None:
     """One kernel launch on base [rows, cols] (row-major); row/col = (data, scales, signs, signs_out, offset,
-    swizzled scales or None) of each copy written, its padded length read off `data` (DESIGN §3)."""
+    swizzled scales or None) of each copy written, its padded length read off `data` (DESIGN §3). Positional
+    arguments: this runs once or twice per backward GEMM, and keyword parsing costs the host more than the launch."""
     dev = base.device
     seed_ptr, seed_val = _u64("seed", seed, dev)
-    kw = dict(dtype=_DTYPE_CODES[base.dtype], rht_block=g, mode=mode, stochastic=sr, x=base.data_ptr(),
-              rows=base.shape[0], cols=base.shape[1], ld=base.stride(0), seed_ptr=seed_ptr, seed=seed_val,
-              prescale=p, hadamard_scale=hadamard_scale(g) if g else 1.0,
-              stream=current_stream_handle(dev))
-    for prefix, spec in (("row", row), ("col", col)):
-        if spec is None:
-            continue
-        data, scales, signs, signs_out, offset, swz = spec
-        off_ptr, off_val = _u64("offset", offset, dev)
-        kw.update({f"{prefix}_data": data.data_ptr(), f"{prefix}_scales": scales.data_ptr(),
-                   f"{prefix}_scales_swizzled": swz.data_ptr() if swz is not None else 0,
-                   f"{prefix}_k": data.shape[1] * 2, f"{prefix}_signs": signs.data_ptr() if signs is not None else 0,
-                   f"{prefix}_signs_out": signs_out.data_ptr() if signs_out is not None else 0,
-                   f"{prefix}_offset_ptr": off_ptr, f"{prefix}_offset": off_val})
-    launch_on(dev, _ext.quantize, **kw)
+    swz = [spec[5].data_ptr() if spec is not None and spec[5] is not None else 0 for spec in (row, col)]
+    launch_on(dev, _ext.quantize, _DTYPE_CODES[base.dtype], g, mode, sr, base.data_ptr(), base.shape[0], base.shape[1],
+              base.stride(0), *_copy_args(row, dev), *_copy_args(col, dev), seed_ptr, seed_val, p,
+              hadamard_scale(g) if g else 1.0, current_stream_handle(dev), *swz)
 
 
 def _outputs(n: int, k: int, g: int, device):

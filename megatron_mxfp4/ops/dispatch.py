@@ -16,6 +16,7 @@ import torch
 from ..numerics.fp8 import fp8_matmul_reference
 from ..numerics.quantize import MXFP4Tensor, check_gemm_operands, check_quantize_args, gemm_reference, quantize_reference
 
+FP8_CAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BACKENDS = ("auto", "reference", "cuda", "hopper", "hopper_exact", "blackwell", "triton")
 
 
@@ -162,10 +163,13 @@ def fp8_matmul(a: torch.Tensor, b: torch.Tensor, out_dtype=None) -> torch.Tensor
     """
     out_dtype = out_dtype or a.dtype
     if a.is_cuda and device_capability(a.device) >= (8, 9):
-        from .fp8_cast import quantize_fp8_any  # imports this module
+        from . import fp8_cast  # imports this module
 
-        qa, sa = quantize_fp8_any(a)
-        qb, sb = quantize_fp8_any(b)
+        if fp8_cast._native() and a.dtype in FP8_CAST_DTYPES and b.dtype in FP8_CAST_DTYPES:
+            (qa, sa), (qb, sb) = fp8_cast.quantize_fp8_pair(a, b)  # both operands in one call
+        else:
+            qa, sa = fp8_cast.quantize_fp8_any(a)
+            qb, sb = fp8_cast.quantize_fp8_any(b)
         return torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
     if a.is_cuda:
         _warn_once("fp8", f"megatron_mxfp4: {a.device} has no FP8 tensor cores; emulating the FP8 forward")

@@ -1,4 +1,7 @@
-"""Per-tensor current-scaling E4M3 cast in two Triton launches (the FP8 forward's operand cast).
+"""Per-tensor current-scaling E4M3 cast in two launches (the FP8 forward's operand cast).
+
+Runs on the CUDA extension (csrc/mxfp4_fp8_cast.h: both operands of a GEMM in one call, two launches) where
+it is built, else on the two Triton kernels below, with the same arithmetic.
 
 `quantize_fp8_fused(x)` is the compiled twin of `numerics.fp8.quantize_fp8`, bit for bit: one kernel reduces
 amax |x| into a device scalar (float32 bits compared as integers: every |x| is non-negative, so the integer
@@ -24,6 +27,7 @@ import torch
 
 from ..numerics.format import round_to_float32
 from ..numerics.fp8 import E4M3_MAX, quantize_fp8
+from .cuda_quantize import _DTYPE_CODES, _ext, current_stream_handle, launch_on
 from .dispatch import device_capability
 
 try:
@@ -36,10 +40,14 @@ _BLOCK = 4096
 _INV_MAX = round_to_float32(1.0 / E4M3_MAX)  # what torch on CUDA multiplies by for `tensor / E4M3_MAX`
 
 
+def _native() -> bool:
+    return _ext is not None and hasattr(_ext, "fp8_cast")
+
+
 def supports(x: torch.Tensor) -> Optional[str]:
     """None when the fused cast can run on x, else the reason."""
-    if triton is None:
-        return "Triton is not installed"
+    if triton is None and not _native():
+        return "neither the CUDA extension nor Triton is available"
     if not x.is_cuda:
         return f"needs a CUDA tensor (tensor is on {x.device})"
     if device_capability(x.device) < (8, 9):
@@ -81,6 +89,13 @@ def quantize_fp8_fused(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     reason = supports(x)
     if reason is not None:
         raise RuntimeError(f"megatron_mxfp4 fused FP8 cast: {reason}")
+    if _native():
+        return quantize_fp8_pair(x)[0]
+    return triton_cast(x)
+
+
+def triton_cast(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_fp8_fused` on the two Triton kernels (where the extension is not built)."""
     xc = x if x.is_contiguous() else x.contiguous()
     n = xc.numel()
     amax_bits = torch.zeros((), dtype=torch.int32, device=x.device)
@@ -90,6 +105,21 @@ def quantize_fp8_fused(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     _amax_kernel[grid](xc, amax_bits, n, BLOCK=_BLOCK)
     _cast_kernel[grid](xc, amax_bits, codes.view(torch.uint8), scale, n, _INV_MAX, BLOCK=_BLOCK)
     return codes, scale
+
+
+def quantize_fp8_pair(a: torch.Tensor, b: Optional[torch.Tensor] = None):
+    """`quantize_fp8_fused` of a GEMM's operands in one extension call (two launches for both):
+    ((codes_a, scale_a), (codes_b, scale_b)), the second None without b."""
+    dev = a.device
+    ops = [t if t.is_contiguous() else t.contiguous() for t in ((a,) if b is None else (a, b))]
+    outs = [(torch.empty(t.shape, dtype=torch.float8_e4m3fn, device=dev), torch.empty((), dtype=torch.float32,
+                                                                                     device=dev)) for t in ops]
+    work = torch.empty(len(ops), dtype=torch.int32, device=dev)
+    args = []
+    for t, (codes, scale) in zip(ops + ops[:1] * (2 - len(ops)), outs + outs[:1] * (2 - len(outs))):
+        args += [t.data_ptr(), _DTYPE_CODES[t.dtype], t.numel(), codes.data_ptr(), scale.data_ptr()]
+    launch_on(dev, _ext.fp8_cast, *args, len(ops), _INV_MAX, work.data_ptr(), current_stream_handle(dev))
+    return outs[0], (outs[1] if b is not None else None)
 
 
 _warned = set()
@@ -108,4 +138,4 @@ def quantize_fp8_any(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return quantize_fp8(x)
 
 
-__all__ = ["supports", "quantize_fp8_fused", "quantize_fp8_any"]
+__all__ = ["supports", "quantize_fp8_fused", "quantize_fp8_pair", "quantize_fp8_any"]

@@ -23,8 +23,12 @@ scale per 32-block (no fallback needed). On the H200 the "tiles" GEMM runs at 54
 "blocks" at ~220 (bench/results/gemm-h200.md): each 32-K promotion waits for its wgmma, which
 serializes the tensor cores with the float32 adds.
 
-alpha is applied in the epilogue (folded into B's tile scales on the cuBLASLt path); BF16/FP32
+alpha is applied in the epilogue (folded into B's tile scales on the cuBLASLt path); BF16/FP16/FP32
 output; `accumulate_into` adds to an FP32 main_grad in place.
+
+The `hopper` GEMM is one call into the CUDA extension (csrc/mxfp4_gemm_hopper.h: flags, both conversions,
+the slab mask, cuBLASLt, the slab fix) where the extension links cuBLASLt; otherwise the same steps run
+from Python through torch's `scaled_mm` (warned about once: more host time per GEMM).
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ import torch
 
 from ..numerics.quantize import MXFP4Tensor, gemm_alpha
 from . import cuda_tiles
+from .cuda_quantize import _ext, current_stream_handle, launch_on
 from .dispatch import device_capability, register_gemm
 from .layouts import TILE
 from .triton_gemm import fix_bad_slabs, fp8_scaled_gemm, to_e4m3, triton_unavailable
@@ -185,10 +190,66 @@ def exact_gemm(a: MXFP4Tensor, b: MXFP4Tensor, out_dtype=torch.float32, alpha: f
     return out
 
 
+_OUT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+#: cuBLASLt's workspace, one per (device, stream) as torch keeps its own (the size torch gives cuBLASLt on Hopper)
+LT_WORKSPACE_BYTES = 32 << 20
+_lt_workspaces = {}
+
+
+def native_reason() -> Optional[str]:
+    """None when the extension runs the whole Hopper GEMM in one call, else why not."""
+    if _ext is None:
+        return cuda_tiles.supports(torch.empty(0))
+    if not getattr(_ext, "gemm_hopper_available", lambda: False)():
+        return "the CUDA extension was built without cuBLASLt (or predates the native GEMM): rebuild it"
+    return None
+
+
+def _lt_workspace(device: torch.device, stream: int) -> torch.Tensor:
+    key = (device.index, stream)
+    ws = _lt_workspaces.get(key)
+    if ws is None:
+        ws = _lt_workspaces[key] = torch.empty(LT_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+    return ws
+
+
+def _native_gemm(a: MXFP4Tensor, b: MXFP4Tensor, out_dtype, alpha: float, accumulate_into) -> torch.Tensor:
+    """The `hopper` GEMM as one extension call; alpha = the final float32 factor."""
+    M, N, K = a.shape[0], b.shape[0], a.padded_shape[1]
+    dev = a.data.device
+    ad, asc = cuda_tiles._packed(a)
+    bd, bsc = cuda_tiles._packed(b)
+    acc = accumulate_into is not None
+    c = accumulate_into if acc else torch.empty((M, N), dtype=out_dtype, device=dev)
+    ctype = _OUT_TYPES[c.dtype]
+    ws_bytes = _ext.gemm_hopper_workspace_size(M, N, K, ctype, acc, c.data_ptr(), c.stride(0))
+    ws = torch.empty(ws_bytes, dtype=torch.uint8, device=dev)
+    stream = current_stream_handle(dev)
+    lt = _lt_workspace(dev, stream)
+    launch_on(dev, _ext.gemm_hopper, ad.data_ptr(), ad.stride(0), asc.data_ptr(), asc.stride(0), M, bd.data_ptr(),
+              bd.stride(0), bsc.data_ptr(), bsc.stride(0), N, K, alpha, c.data_ptr(), c.stride(0), ctype, acc,
+              ws.data_ptr(), ws_bytes, lt.data_ptr(), LT_WORKSPACE_BYTES, monitor.counter(dev).data_ptr(), stream)
+    monitor.after_call(dev)
+    return c
+
+
 def hopper_gemm(a: MXFP4Tensor, b: MXFP4Tensor, out_dtype=torch.float32, alpha: float = 1.0,
                 accumulate_into: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The `hopper` backend: cuBLASLt FP8 with 1×128 tile scales + exact per-slab fallback. cuBLASLt wants M
     and N in multiples of 16: other sizes get zero rows in the layout and the product is cut back."""
+    if a.shape[0] and b.shape[0] and a.padded_shape[1] and (accumulate_into is None or accumulate_into.stride(1) == 1):
+        reason = native_reason()
+        if reason is None:
+            return _native_gemm(a, b, out_dtype, gemm_alpha(a, b, alpha), accumulate_into)
+        _warn_once("native", f"megatron_mxfp4: the Hopper GEMM runs its steps from Python through torch's scaled_mm "
+                             f"(more host time per GEMM): {reason}")
+    return scaled_mm_gemm(a, b, out_dtype, alpha, accumulate_into)
+
+
+def scaled_mm_gemm(a: MXFP4Tensor, b: MXFP4Tensor, out_dtype=torch.float32, alpha: float = 1.0,
+                   accumulate_into: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The `hopper` GEMM's steps from Python: the tile conversions of `cuda_tiles`, torch's `scaled_mm`, the
+    Triton slab fix (the route without the native call, and its twin in the tests)."""
     M, N = a.shape[0], b.shape[0]
     scaled_mm, blockwise = _blockwise_api()
     dev = a.data.device

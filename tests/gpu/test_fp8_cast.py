@@ -47,3 +47,23 @@ def test_fp8_matmul_uses_it_and_matches_the_reference():
     ref = fp8_matmul_reference(a, b, torch.float32)
     # the same E4M3 operands; the FP8 tensor core accumulates with fewer bits than float32 (DESIGN §2.5)
     assert ((c - ref).norm() / ref.norm()).item() < 5e-4
+
+
+def test_both_routes_and_the_pair_call_are_the_reference():
+    """The extension's cast of a GEMM's two operands in one call, and the Triton route, bit for bit."""
+    from megatron_mxfp4.ops import fp8_cast
+
+    g = torch.Generator(device=DEV).manual_seed(5)
+    a = (torch.randn(300, 257, generator=g, device=DEV) * 1e4).to(torch.bfloat16)
+    b = torch.randn(129, 257, generator=g, device=DEV, dtype=torch.float16)
+    b[3, 4] = float("nan")
+    refs = [quantize_fp8(a), quantize_fp8(b)]
+    routes = [[fp8_cast.triton_cast(a), fp8_cast.triton_cast(b)]]
+    if fp8_cast._native():
+        routes.append(list(fp8_cast.quantize_fp8_pair(a, b)))
+        routes.append([fp8_cast.quantize_fp8_pair(a)[0], fp8_cast.quantize_fp8_pair(b)[0]])
+    for route in routes:
+        for (q, s), (rq, rs) in zip(route, refs):
+            assert torch.equal(s.view(torch.int32), rs.view(torch.int32))
+            assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
+    _same(a[:, 1:])  # an unaligned start: copied, then cast

@@ -342,3 +342,77 @@ def test_linear_backward_uses_the_fast_gemm():
     for backend in ("hopper", "hopper_exact"):
         for got, ref in zip(grads[backend], grads["reference"]):
             assert rel(got, ref.double()) <= 4e-3         # BF16 gradients; same MXFP4 operands
+
+
+# ------------------------------------------------------------------------------------------------
+# The native call (csrc/mxfp4_gemm_hopper.cu) against the same steps taken from Python
+# ------------------------------------------------------------------------------------------------
+
+def _native_or_skip():
+    from megatron_mxfp4.ops import hopper_gemm as hg
+
+    if not _sm90():
+        pytest.skip("needs an sm_90 GPU (H100/H200)")
+    reason = hg.native_reason()
+    if reason is not None:
+        pytest.fail(f"the extension on this GPU machine should link cuBLASLt: {reason}")
+    return hg
+
+
+@pytest.mark.parametrize("M, N, K", [(256, 384, 768), (200, 136, 96), (8, 40, 4096), (1, 1, 32), (2048, 512, 2048)])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_native_gemm_equals_the_python_steps(M, N, K, out_dtype):
+    """One extension call = conversions + mask + cuBLASLt + fix issued from Python, bit for bit (aligned and
+    padded M/N, K not a multiple of 128, every output type)."""
+    hg = _native_or_skip()
+    a, b = make_operand(M, K, 5, 41, mode="row"), make_operand(N, K, 5, 42, mode="row")
+    native = hg.hopper_gemm(a, b, out_dtype=out_dtype, alpha=0.37)
+    steps = hg.scaled_mm_gemm(a, b, out_dtype=out_dtype, alpha=0.37)
+    assert native.dtype == out_dtype and native.shape == (M, N)
+    assert torch.equal(native, steps)
+
+
+@pytest.mark.parametrize("M, N", [(256, 384), (200, 136)])
+def test_native_gemm_accumulates_into_main_grad(M, N):
+    hg = _native_or_skip()
+    K = 512
+    a, b = make_operand(M, K, 5, 43, mode="row"), make_operand(N, K, 5, 44, mode="row")
+    main = torch.randn(M, N, device=DEV)
+    want = hg.scaled_mm_gemm(a, b, alpha=0.5, accumulate_into=main.clone())
+    got = hg.hopper_gemm(a, b, alpha=0.5, accumulate_into=main)
+    assert torch.equal(got, want)
+    # an unaligned main_grad view (a shard of a flat grad buffer): staged, then added
+    flat = torch.randn(M * N + 3, device=DEV)
+    view = flat[3:].view(M, N)
+    start = view.clone()
+    hg.hopper_gemm(a, b, alpha=0.5, accumulate_into=view)
+    assert torch.equal(view, hg.scaled_mm_gemm(a, b, alpha=0.5, accumulate_into=start))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_native_slab_fix_equals_the_triton_fix(out_dtype):
+    """Flagged slabs (tiles spanning 30 binades) are added by the CUDA fix kernel exactly as by the Triton one,
+    and counted."""
+    hg = _native_or_skip()
+    M, N, K = 256, 128, 512
+    a, b = make_operand(M, K, 0, seed=11), make_operand(N, K, 0, seed=12)
+    sa, sb = a.scales.clone(), b.scales.clone()
+    sa[:, 1::4] -= 30
+    sb[:, 0::4] -= 30
+    a = MXFP4Tensor(a.data, sa, a.prescale, 1, a.shape)
+    b = MXFP4Tensor(b.data, sb, b.prescale, 1, b.shape)
+    before = hg.monitor.calls_with_fallback(DEV)
+    native = hg.hopper_gemm(a, b, out_dtype=out_dtype)
+    assert hg.monitor.calls_with_fallback(DEV) == before + 1
+    assert torch.equal(native, hg.scaled_mm_gemm(a, b, out_dtype=out_dtype))
+    assert rel(native, exact64(a, b)) <= (EXACT_TOL if out_dtype == torch.float32 else 4e-3)
+
+
+def test_native_gemm_propagates_nan():
+    hg = _native_or_skip()
+    a, b = make_operand(64, 256, 2, 51, mode="row"), make_operand(48, 256, 2, 52, mode="row")
+    sa = a.scales.clone()
+    sa[5, 3] = 0xFF
+    a = MXFP4Tensor(a.data, sa, a.prescale, 1, a.shape)
+    c = hg.hopper_gemm(a, b)
+    assert torch.isnan(c[5]).all() and not torch.isnan(torch.cat([c[:5], c[6:]])).any()

@@ -1,0 +1,352 @@
+// The Hopper MXFP4 GEMM in one native call (see mxfp4_gemm_hopper.h for the contract).
+//
+// cuBLASLt is row-major-agnostic: it sees column-major matrices. Our row-major C [M, N] is a column-major
+// [N, M], so cuBLASLt computes D = op(A') * op(B') with A' = our B's E4M3 codes (stored [Np, Kt] row-major =
+// [Kt, Np] column-major, transposed: the "T" of the TN layout FP8 needs) and B' = our A's codes ([Kt, Mp]
+// column-major, not transposed). The 1x128 tile scales are [Kt/128, rows] with the rows contiguous, the
+// layout cuBLASLt's VEC128_32F mode reads. Handles are created once per device, heuristics cached per shape.
+#include <algorithm>
+#include <map>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "mxfp4_gemm_hopper.h"
+#include "mxfp4_tiles.h"
+
+#if defined(MXFP4_WITH_CUBLASLT)
+#include <cublasLt.h>
+#endif
+
+namespace mxfp4 {
+namespace detail {
+
+constexpr int64_t kTile = 128;
+constexpr int64_t kRowAlign = 16;  // cuBLASLt's FP8 kernels want M and N in multiples of 16
+constexpr size_t kAlign = 256;
+
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+inline size_t align(size_t v) { return (v + kAlign - 1) / kAlign * kAlign; }
+
+inline size_t out_size(OutType t) { return t == OutType::kFloat32 ? 4 : 2; }
+
+struct Layout {  // byte offsets into the workspace
+  int64_t mp, np, nt, kt;
+  size_t flags, codes_a, codes_b, scales_a, scales_b, staging, total;
+};
+
+// The product goes straight into C when cuBLASLt can write it there: no row padding, 16-byte aligned C
+// and leading dimension. Otherwise it is staged in the workspace and copied / added into C.
+inline bool direct(int64_t m, int64_t n, OutType t, const void* c, int64_t ldc) {
+  return m % kRowAlign == 0 && n % kRowAlign == 0 && reinterpret_cast<uintptr_t>(c) % 16 == 0 &&
+         (ldc * static_cast<int64_t>(out_size(t))) % 16 == 0;
+}
+
+inline Layout layout(int64_t m, int64_t n, int64_t k, OutType t, bool accumulate, bool staged) {
+  Layout l{};
+  l.mp = round_up(m, kRowAlign);
+  l.np = round_up(n, kRowAlign);
+  l.nt = (k + kTile - 1) / kTile;
+  l.kt = l.nt * kTile;
+  size_t at = 0;
+  l.flags = at;    at = align(at + 2 * l.nt * sizeof(int32_t));
+  l.codes_a = at;  at = align(at + l.mp * l.kt);
+  l.codes_b = at;  at = align(at + l.np * l.kt);
+  l.scales_a = at; at = align(at + l.nt * l.mp * sizeof(float));
+  l.scales_b = at; at = align(at + l.nt * l.np * sizeof(float));
+  l.staging = at;
+  if (staged) at = align(at + l.mp * l.np * (accumulate ? 4 : out_size(t)));
+  l.total = at;
+  return l;
+}
+
+__device__ __forceinline__ float e2m1(uint32_t code) {
+  const float mag[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+  const float v = mag[code & 7u];
+  return (code & 8u) ? -v : v;
+}
+
+__device__ __forceinline__ float e8m0(uint32_t s) {  // 2^(s-127); 0xFF is NaN; 2^-127 is subnormal
+  if (s == 255u) return __uint_as_float(0x7FC00000u);
+  const int e = static_cast<int>(s) - 127;
+  return __uint_as_float(e >= -126 ? static_cast<uint32_t>(e + 127) << 23 : 0x00400000u);
+}
+
+__device__ __forceinline__ float to_float(OutType t, const void* c, int64_t i) {
+  if (t == OutType::kFloat32) return static_cast<const float*>(c)[i];
+  const uint16_t h = static_cast<const uint16_t*>(c)[i];
+  if (t == OutType::kBFloat16) return __uint_as_float(static_cast<uint32_t>(h) << 16);
+  return __half2float(__ushort_as_half(h));
+}
+
+__device__ __forceinline__ void store(OutType t, void* c, int64_t i, float v) {  // round to nearest even
+  if (t == OutType::kFloat32) {
+    static_cast<float*>(c)[i] = v;
+  } else if (t == OutType::kBFloat16) {
+    static_cast<uint16_t*>(c)[i] = __bfloat16_as_ushort(__float2bfloat16_rn(v));
+  } else {
+    static_cast<uint16_t*>(c)[i] = __half_as_ushort(__float2half_rn(v));
+  }
+}
+
+// C += alpha * A[:, S] * B[:, S]^T over the flagged slabs S, one output element per thread, every 32-K block
+// summed exactly in float32 (E2M1 products are multiples of 1/4 up to 36) and then scaled by its two block
+// scales, in slab order: the arithmetic of the Triton fix kernel (ops/triton_gemm.py), so both give the same bits.
+__global__ void __launch_bounds__(256) fix_slabs_kernel(GemmOperand a, GemmOperand b, int64_t nb, const int32_t* flags,
+                                                        int64_t nt, float alpha, void* c, int64_t ldc, OutType c_type,
+                                                        int32_t* counter) {
+  __shared__ int any;
+  if (threadIdx.x == 0) any = 0;
+  __syncthreads();
+  int mine = 0;
+  for (int64_t t = threadIdx.x; t < nt; t += blockDim.x) mine |= flags[t];
+  if (mine) any = 1;  // benign race: every writer stores 1
+  __syncthreads();
+  if (!any) return;
+  if (blockIdx.x == 0 && threadIdx.x == 0 && counter) atomicAdd(counter, 1);
+  const int64_t tiles_n = (b.rows + 15) / 16, tiles = (a.rows + 15) / 16 * tiles_n;
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int64_t r = tile / tiles_n * 16 + threadIdx.x / 16, col = tile % tiles_n * 16 + threadIdx.x % 16;
+    if (r >= a.rows || col >= b.rows) continue;
+    float acc = 0.0f;
+    for (int64_t t = 0; t < nt; ++t) {
+      if (!flags[t]) continue;
+      for (int64_t kb = t * 4; kb < t * 4 + 4 && kb < nb; ++kb) {
+        const uint8_t* pa = a.data + r * a.ld_data + kb * 16;
+        const uint8_t* pb = b.data + col * b.ld_data + kb * 16;
+        float p = 0.0f;
+        for (int i = 0; i < 16; ++i) {
+          p += e2m1(pa[i] & 15u) * e2m1(pb[i] & 15u);
+          p += e2m1(pa[i] >> 4) * e2m1(pb[i] >> 4);
+        }
+        acc += p * (e8m0(a.scales[r * a.ld_scales + kb]) * e8m0(b.scales[col * b.ld_scales + kb]));
+      }
+    }
+    acc = acc * alpha;
+    const int64_t i = r * ldc + col;
+    store(c_type, c, i, to_float(c_type, c, i) + acc);
+  }
+}
+
+// C[M, N] (+)= staged[Mp, Np]: the padded product cut back into C.
+__global__ void unstage_kernel(const void* staged, int64_t ldst, void* c, int64_t ldc, int64_t m, int64_t n,
+                               OutType t, bool accumulate) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < m * n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / n, col = i % n;
+    if (accumulate) {
+      static_cast<float*>(c)[r * ldc + col] += static_cast<const float*>(staged)[r * ldst + col];
+    } else {
+      store(t, c, r * ldc + col, to_float(t, staged, r * ldst + col));
+    }
+  }
+}
+
+void require(bool ok, const std::string& msg) {
+  if (!ok) throw std::invalid_argument("mxfp4 gemm_hopper: " + msg);
+}
+
+void check_launch(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) throw std::runtime_error(std::string("mxfp4 gemm_hopper: ") + what + ": " + cudaGetErrorString(err));
+}
+
+#if defined(MXFP4_WITH_CUBLASLT)
+
+void check_lt(cublasStatus_t s, const char* what) {
+  if (s != CUBLAS_STATUS_SUCCESS)
+    throw std::runtime_error(std::string("mxfp4 gemm_hopper: ") + what + " failed (cuBLAS status " + std::to_string(s) + ")");
+}
+
+cudaDataType_t cuda_type(OutType t) {
+  return t == OutType::kFloat32 ? CUDA_R_32F : t == OutType::kBFloat16 ? CUDA_R_16BF : CUDA_R_16F;
+}
+
+// One cuBLASLt handle per device, and the heuristic's first algorithm per problem, kept for the process.
+struct LtState {
+  std::mutex mu;
+  std::map<int, cublasLtHandle_t> handles;
+  std::map<std::tuple<int, int64_t, int64_t, int64_t, int64_t, int, int, size_t>, cublasLtMatmulAlgo_t> algos;
+};
+
+LtState& lt_state() {
+  static LtState* s = new LtState();  // never destroyed: handles outlive every static destructor
+  return *s;
+}
+
+struct Desc {  // RAII for the descriptors of one call
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+  ~Desc() {
+    if (c) cublasLtMatrixLayoutDestroy(c);
+    if (b) cublasLtMatrixLayoutDestroy(b);
+    if (a) cublasLtMatrixLayoutDestroy(a);
+    if (op) cublasLtMatmulDescDestroy(op);
+  }
+};
+
+// D[m', n'] = A' * B' (+ C) in cuBLASLt's column-major terms; see the file comment.
+void lt_matmul(const Layout& l, uint8_t* ws, const GemmParams& p, void* d, int64_t ldd, OutType d_type, bool beta_one,
+               cudaStream_t stream) {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) throw std::runtime_error("mxfp4 gemm_hopper: cudaGetDevice failed");
+  LtState& st = lt_state();
+  cublasLtHandle_t handle;
+  {
+    std::lock_guard<std::mutex> lock(st.mu);
+    auto it = st.handles.find(dev);
+    if (it == st.handles.end()) {
+      cublasLtHandle_t h;
+      check_lt(cublasLtCreate(&h), "cublasLtCreate");
+      it = st.handles.emplace(dev, h).first;
+    }
+    handle = it->second;
+  }
+  Desc desc;
+  check_lt(cublasLtMatmulDescCreate(&desc.op, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate");
+  const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+  check_lt(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)), "TRANSA");
+  check_lt(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)), "TRANSB");
+  const void* scale_a = ws + l.scales_b;  // A' is our B
+  const void* scale_b = ws + l.scales_a;
+  check_lt(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &scale_a, sizeof(scale_a)),
+           "A_SCALE_POINTER");
+  check_lt(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &scale_b, sizeof(scale_b)),
+           "B_SCALE_POINTER");
+  const int32_t mode = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
+  check_lt(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode, sizeof(mode)), "A_SCALE_MODE");
+  check_lt(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode, sizeof(mode)), "B_SCALE_MODE");
+  const int64_t m = l.np, n = l.mp, k = l.kt;
+  check_lt(cublasLtMatrixLayoutCreate(&desc.a, CUDA_R_8F_E4M3, k, m, k), "layout A");
+  check_lt(cublasLtMatrixLayoutCreate(&desc.b, CUDA_R_8F_E4M3, k, n, k), "layout B");
+  check_lt(cublasLtMatrixLayoutCreate(&desc.c, cuda_type(d_type), m, n, ldd), "layout C");
+
+  // the heuristic assumes 256-byte aligned matrices unless told otherwise; the workspace's are, C may not be
+  uint32_t align_d = 256;
+  while (align_d > 16 && reinterpret_cast<uintptr_t>(d) % align_d) align_d /= 2;
+  const auto key = std::make_tuple(dev, m, n, k, ldd, static_cast<int>(d_type) * 2 + static_cast<int>(beta_one),
+                                   static_cast<int>(align_d), p.lt_workspace_size);
+  cublasLtMatmulAlgo_t algo;
+  bool found = false;
+  {
+    std::lock_guard<std::mutex> lock(st.mu);
+    auto it = st.algos.find(key);
+    if (it != st.algos.end()) {
+      algo = it->second;
+      found = true;
+    }
+  }
+  if (!found) {
+    cublasLtMatmulPreference_t pref;
+    check_lt(cublasLtMatmulPreferenceCreate(&pref), "cublasLtMatmulPreferenceCreate");
+    const uint64_t wsz = p.lt_workspace_size;
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsz, sizeof(wsz));
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_d, sizeof(align_d));
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_d, sizeof(align_d));
+    cublasLtMatmulHeuristicResult_t res{};
+    int count = 0;
+    const cublasStatus_t s =
+        cublasLtMatmulAlgoGetHeuristic(handle, desc.op, desc.a, desc.b, desc.c, desc.c, pref, 1, &res, &count);
+    cublasLtMatmulPreferenceDestroy(pref);
+    check_lt(s, "cublasLtMatmulAlgoGetHeuristic");
+    if (count == 0)
+      throw std::runtime_error("mxfp4 gemm_hopper: cuBLASLt has no FP8 1x128-block-scaled GEMM for m=" +
+                               std::to_string(m) + " n=" + std::to_string(n) + " k=" + std::to_string(k));
+    algo = res.algo;
+    std::lock_guard<std::mutex> lock(st.mu);
+    st.algos.emplace(key, algo);
+  }
+  const float one = 1.0f, zero = 0.0f;
+  check_lt(cublasLtMatmul(handle, desc.op, &one, ws + l.codes_b, desc.a, ws + l.codes_a, desc.b, beta_one ? &one : &zero,
+                          d, desc.c, d, desc.c, &algo, p.lt_workspace, p.lt_workspace_size, stream),
+           "cublasLtMatmul");
+}
+
+#endif  // MXFP4_WITH_CUBLASLT
+
+}  // namespace detail
+
+bool gemm_hopper_available() {
+#if defined(MXFP4_WITH_CUBLASLT)
+  return true;
+#else
+  return false;
+#endif
+}
+
+size_t gemm_hopper_workspace_size(int64_t m, int64_t n, int64_t k, OutType c_type, bool accumulate, const void* c,
+                                  int64_t ldc) {
+  using namespace detail;
+  return layout(m, n, k, c_type, accumulate, !direct(m, n, c_type, c, ldc)).total;
+}
+
+void gemm_hopper(const GemmParams& p, cudaStream_t stream) {
+  using namespace detail;
+#if !defined(MXFP4_WITH_CUBLASLT)
+  (void)p;
+  (void)stream;
+  throw std::runtime_error("mxfp4 gemm_hopper: this build of the extension does not link cuBLASLt "
+                           "(rebuild where the CUDA toolkit's cublasLt.h is found)");
+#else
+  const int64_t m = p.a.rows, n = p.b.rows, k = p.k;
+  require(p.c && p.workspace && p.lt_workspace, "a pointer is null");
+  require(m > 0 && n > 0 && k > 0 && k % 32 == 0, "M, N and K must be positive, K a multiple of 32");
+  require(p.ldc >= n, "ldc must be >= N");
+  require(!p.accumulate || p.c_type == OutType::kFloat32, "accumulating needs a float32 C");
+  const bool staged = !direct(m, n, p.c_type, p.c, p.ldc);
+  const Layout l = layout(m, n, k, p.c_type, p.accumulate, staged);
+  require(p.workspace_size >= l.total, "workspace of " + std::to_string(p.workspace_size) + " bytes, needs " +
+                                           std::to_string(l.total));
+  require(reinterpret_cast<uintptr_t>(p.workspace) % kAlign == 0, "workspace must be 256-byte aligned");
+  uint8_t* ws = static_cast<uint8_t*>(p.workspace);
+  int32_t* flags = reinterpret_cast<int32_t*>(ws + l.flags);
+  if (cudaMemsetAsync(flags, 0, 2 * l.nt * sizeof(int32_t), stream) != cudaSuccess) check_launch("memset");
+
+  TileParams ta;
+  ta.data = p.a.data;
+  ta.ld_data = p.a.ld_data;
+  ta.scales = p.a.scales;
+  ta.ld_scales = p.a.ld_scales;
+  ta.rows = m;
+  ta.k = k;
+  ta.rows_out = l.mp;
+  ta.codes = ws + l.codes_a;
+  ta.tile_scales = reinterpret_cast<float*>(ws + l.scales_a);
+  ta.flags = flags;
+  TileParams tb = ta;
+  tb.data = p.b.data;
+  tb.ld_data = p.b.ld_data;
+  tb.scales = p.b.scales;
+  tb.ld_scales = p.b.ld_scales;
+  tb.rows = n;
+  tb.rows_out = l.np;
+  tb.codes = ws + l.codes_b;
+  tb.tile_scales = reinterpret_cast<float*>(ws + l.scales_b);
+  tb.flags = flags + l.nt;
+  tb.mult = p.alpha;
+  to_e4m3_tiles(ta, stream);
+  to_e4m3_tiles(tb, stream);
+  mask_flagged_slabs(flags, flags + l.nt, ta.tile_scales, l.mp, l.nt, stream);
+
+  if (staged) {
+    const OutType st = p.accumulate ? OutType::kFloat32 : p.c_type;
+    lt_matmul(l, ws, p, ws + l.staging, l.np, st, false, stream);
+    const int64_t total = m * n;
+    const unsigned grid = static_cast<unsigned>(std::min<int64_t>((total + 255) / 256, 4096));
+    unstage_kernel<<<grid, 256, 0, stream>>>(ws + l.staging, l.np, p.c, p.ldc, m, n, p.c_type, p.accumulate);
+    check_launch("unstage");
+  } else {
+    lt_matmul(l, ws, p, p.c, p.ldc, p.c_type, p.accumulate, stream);
+  }
+  const int64_t tiles = (m + 15) / 16 * ((n + 15) / 16);
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(tiles, 528));
+  fix_slabs_kernel<<<grid, 256, 0, stream>>>(p.a, p.b, k / 32, flags, l.nt, p.alpha, p.c, p.ldc, p.c_type, p.counter);
+  check_launch("fix_slabs");
+#endif
+}
+
+}  // namespace mxfp4
