@@ -54,7 +54,8 @@ $PY bench/step.py --model "$MODEL" ${ARMS:+--arms "$ARMS"} --time-budget "$budge
 
 if [ -n "${OUT:-}" ]; then
   for f in "$RES"/step-"$MODEL"-*.json "$RES"/step-"$MODEL"-*.md; do [ -f "$f" ] && cp "$f" "$OUT/"; done
-  for d in "$RES"/step-"$MODEL"-*-logs; do [ -d "$d" ] && tar -C "$RES" -czf "$OUT/step-$MODEL-logs.tgz" "$(basename "$d")"; done
+  logs=(); for d in "$RES"/step-"$MODEL"-*-logs; do [ -d "$d" ] && logs+=("$(basename "$d")"); done
+  [ ${#logs[@]} -gt 0 ] && tar -C "$RES" -czf "$OUT/step-$MODEL-logs.tgz" "${logs[@]}"
   if [ "${LINEAR_TP2:-0}" = 1 ]; then
     for f in "$RES"/linear-tp2-*.md "$RES"/linear-tp2-*.json; do [ -f "$f" ] && cp "$f" "$OUT/"; done
   fi
