@@ -12,15 +12,19 @@ max(32, g), and the dither indices count the padded size; a GEMM with an empty o
 forward (`check_input_dtypes`).
 
 Each GEMM draws its own RHT signs, shared by its two operands; every operand its own dither. With the
-`per_call` sign policy a GEMM's signs are the sign-domain words at its dY operand's offset, so the dual
+`per_call` sign policy a GEMM's signs are the sign-domain words at its dY operand's offset, so the
 quantizer of dY draws them itself (on a GPU, inside the kernel: no host work, no copy) and hands them on
 to the W and X quantizers.
+
+A call's offsets are Python ints, or (`recipe.cuda_graphs`, `DeviceCalls`) an int64 vector the GPU computes
+from a device-side call counter: the kernels read them on the device, so a captured CUDA graph replays with
+the offsets of the next call. Nothing on this path synchronizes with the host.
 """
 from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -28,23 +32,89 @@ import torch
 from . import diagnostics
 from .numerics.quantize import FLOAT_DTYPES, MXFP4Tensor
 from .numerics.rht import draw_signs
-from .numerics.streams import Gemm, Operand, stream_offset
+from .numerics.streams import MASK64, Gemm, Operand, stream_offset
 from .ops import fp8_matmul, mxfp4_gemm, quantize_mxfp4, quantize_mxfp4_dual
 from .recipe import MXFP4Recipe
+
+
+#: The operands whose offsets a `DeviceCalls` vector holds, in its order.
+DEVICE_SLOTS = ((Gemm.DGRAD, Operand.GRAD_OUTPUT), (Gemm.DGRAD, Operand.WEIGHT), (Gemm.WGRAD, Operand.GRAD_OUTPUT),
+                (Gemm.WGRAD, Operand.INPUT))
+_SLOT = {k: i for i, k in enumerate(DEVICE_SLOTS)}
 
 
 @dataclass(frozen=True)
 class StreamKey:
     """Identifies one call of one layer: its random bits (seed, layer id, call index) and, for
-    diagnostics, the layer's name ("" = not reported)."""
+    diagnostics, the layer's name ("" = not reported). `offsets`: the call's offsets computed on the device
+    (`DeviceCalls`), int64 [4] in `DEVICE_SLOTS` order, which then replace the host's `call`."""
 
     seed: int
     layer: int
     call: int
     name: str = ""
+    offsets: Optional[torch.Tensor] = field(default=None, compare=False)
 
-    def offset(self, gemm: Gemm, operand: Operand) -> int:
-        return stream_offset(self.layer, self.call, gemm, operand)
+    def offset(self, gemm: Gemm, operand: Operand):
+        """The operand's Philox offset: an int, or a one-element int64 view of `offsets` on a GPU (read there
+        by the kernels; on the CPU, an int)."""
+        if self.offsets is None or operand == Operand.SIGNS:
+            return stream_offset(self.layer, self.call, gemm, operand)
+        i = _SLOT[(gemm, operand)]
+        if self.offsets.is_cuda:
+            return self.offsets[i:i + 1]
+        return int(self.offsets[i]) & MASK64
+
+
+class DeviceCalls:
+    """A layer's call counter kept on its device (`recipe.cuda_graphs`): each call's four offsets are
+    `base + 256 · count` (streams.py: the call index sits at bit 8 and never carries into the layer id below
+    2^40 calls), computed and advanced there in two small kernels, so graph replays draw fresh bits as eager
+    calls do. Create it outside graph capture (it copies its base vector to the device)."""
+
+    def __init__(self, layer: int, start: int, device):
+        base = [stream_offset(layer, 0, g, o) for g, o in DEVICE_SLOTS]
+        # the int64 bit patterns of the unsigned offsets (layer ids >= 2^15 set bit 63)
+        self.base = torch.tensor([b - (1 << 64) if b >= 1 << 63 else b for b in base], dtype=torch.int64,
+                                 device=device)
+        self.count = torch.full((), int(start), dtype=torch.int64, device=device)
+        self.layer = layer
+
+    def next_offsets(self) -> torch.Tensor:
+        """This call's offsets (int64 [4]); the counter moves on to the next call."""
+        offsets = torch.add(self.base, self.count, alpha=1 << 8)
+        self.count.add_(1)
+        return offsets
+
+    def calls(self) -> int:
+        """The calls made so far (synchronizes with the device)."""
+        return int(self.count.item())
+
+
+def next_stream_key(owner, recipe: MXFP4Recipe, seed: int, layer: int, name: str, device) -> StreamKey:
+    """The key of `owner`'s next call and the advance of its counter: the host int `owner._mxfp4_calls`, and
+    with `recipe.cuda_graphs` on a GPU the `DeviceCalls` in `owner._mxfp4_device_calls` (made from the host
+    count at the first such call, and again when the layer id or the device changes)."""
+    call = owner._mxfp4_calls
+    owner._mxfp4_calls = call + 1
+    if not (recipe.cuda_graphs and torch.device(device).type == "cuda"):
+        return StreamKey(seed, layer, call, name)
+    dc = getattr(owner, "_mxfp4_device_calls", None)
+    if dc is None or dc.layer != layer or dc.count.device != torch.device(device):
+        dc = owner._mxfp4_device_calls = DeviceCalls(layer, call, device)
+    return StreamKey(seed, layer, call, name, offsets=dc.next_offsets())
+
+
+def calls_made(owner) -> int:
+    """How many calls `owner` has made (its device counter where it has one: graph replays count too)."""
+    dc = getattr(owner, "_mxfp4_device_calls", None)
+    return dc.calls() if dc is not None else owner._mxfp4_calls
+
+
+def set_calls(owner, calls: int) -> None:
+    """Restore `owner`'s call counter (a checkpoint); a device counter is made anew from it."""
+    owner._mxfp4_calls = int(calls)
+    owner._mxfp4_device_calls = None
 
 
 def as_tokens(t: torch.Tensor) -> torch.Tensor:
@@ -72,7 +142,10 @@ def gemm_signs(recipe: MXFP4Recipe, key: StreamKey, gemm: Gemm, device) -> Optio
     if recipe.sign_policy == "deterministic":
         return torch.ones(g, dtype=torch.float32, device=device)
     if recipe.sign_policy == "per_call":  # what the dY quantizer draws itself when given no signs
-        return draw_signs(g, key.seed, key.offset(gemm, Operand.GRAD_OUTPUT), device)
+        offset = key.offset(gemm, Operand.GRAD_OUTPUT)
+        if isinstance(offset, torch.Tensor):  # a device offset (synchronizes: the backward lets dY's kernel draw)
+            offset = int(offset.item()) & MASK64
+        return draw_signs(g, key.seed, offset, device)
     return _per_layer_signs(g, key.seed, stream_offset(key.layer, 0, gemm, Operand.SIGNS), torch.device(device))
 
 
@@ -83,7 +156,7 @@ def _per_layer_signs(g: int, seed: int, offset: int, device: torch.device) -> to
 
 
 def _dual_signs(recipe: MXFP4Recipe, key: StreamKey, gemm: Gemm, device) -> Optional[torch.Tensor]:
-    """The signs to hand the dual dY quantizer: None when it draws exactly `gemm_signs` itself."""
+    """The signs to hand a dY quantizer: None when it draws exactly `gemm_signs` itself."""
     if recipe.sign_policy == "per_call" and recipe.effective_rht_block:
         return None
     return gemm_signs(recipe, key, gemm, device)
@@ -130,8 +203,9 @@ def dgrad(dy: torch.Tensor, weight: torch.Tensor, recipe: MXFP4Recipe, key: Stre
         return exact()
     if recipe.backward_format == "fp8":
         return fp8_matmul(dy, weight.t().contiguous(), out_dtype=out_dtype)
-    signs = qdy.signs if qdy is not None else gemm_signs(recipe, key, Gemm.DGRAD, dy.device)
-    a = qdy if qdy is not None else _quantize(dy, recipe, key, Gemm.DGRAD, Operand.GRAD_OUTPUT, signs)
+    a = qdy if qdy is not None else _quantize(dy, recipe, key, Gemm.DGRAD, Operand.GRAD_OUTPUT,
+                                              _dual_signs(recipe, key, Gemm.DGRAD, dy.device))
+    signs = a.signs
     b = _quantize(weight.t(), recipe, key, Gemm.DGRAD, Operand.WEIGHT, signs)
     if diagnostics.sampling():  # the statistics compare the float32 product
         out = mxfp4_gemm(a, b, out_dtype=torch.float32, backend=recipe.gemm_backend)
@@ -157,8 +231,9 @@ def wgrad(dy: torch.Tensor, x: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey
     if recipe.backward_format == "fp8":
         od = torch.float32 if accumulate_into is not None else out_dtype
         return _accumulate(fp8_matmul(dy.t().contiguous(), x.t().contiguous(), out_dtype=od), accumulate_into)
-    signs = qdy.signs if qdy is not None else gemm_signs(recipe, key, Gemm.WGRAD, dy.device)
-    a = qdy if qdy is not None else _quantize(dy.t(), recipe, key, Gemm.WGRAD, Operand.GRAD_OUTPUT, signs)
+    a = qdy if qdy is not None else _quantize(dy.t(), recipe, key, Gemm.WGRAD, Operand.GRAD_OUTPUT,
+                                              _dual_signs(recipe, key, Gemm.WGRAD, dy.device))
+    signs = a.signs
     b = _quantize(x.t(), recipe, key, Gemm.WGRAD, Operand.INPUT, signs)
     if diagnostics.sampling():  # the statistics need dW on its own
         out = mxfp4_gemm(a, b, out_dtype=torch.float32, backend=recipe.gemm_backend)

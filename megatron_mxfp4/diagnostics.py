@@ -240,8 +240,13 @@ def active_monitor() -> Optional[MXFP4Monitor]:
 
 
 def sampling() -> bool:
-    """Whether the active monitor samples the current micro-batch."""
-    return _active is not None and _active.sampling
+    """Whether the active monitor samples the current micro-batch (never inside a CUDA-graph capture: the
+    statistics synchronize, so captured calls are not sampled)."""
+    return _active is not None and _active.sampling and not _capturing()
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def gemm_quantized(layer: str, gemm: str) -> bool:

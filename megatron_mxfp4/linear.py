@@ -119,7 +119,7 @@ class MXFP4Linear(nn.Linear):
         self.recipe = recipe
         self.layer_id = (next(_layer_ids) % (1 << 16)) if layer_id is None else layer_id
         self.mxfp4_name = f"linear{self.layer_id}"  # convert_linears sets the qualified name
-        self._calls = 0
+        self._mxfp4_calls = 0  # keys the random bits of each call (`backward.next_stream_key`)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, recipe: Optional[MXFP4Recipe] = MXFP4Recipe(),
@@ -134,10 +134,10 @@ class MXFP4Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.recipe is None:
             return F.linear(x, self.weight, self.bias)
-        call = self._calls
-        self._calls += 1
-        return mxfp4_linear(x, self.weight, self.bias, self.recipe, layer_id=self.layer_id, call_index=call,
-                            name=self.mxfp4_name)
+        _check_linear_inputs(x, self.weight, self.bias)
+        seed = derive_seed(self.recipe.seed, data_parallel_rank())
+        key = bwd.next_stream_key(self, self.recipe, seed, self.layer_id, self.mxfp4_name, x.device)
+        return MXFP4LinearFunction.apply(x, self.weight, self.bias, self.recipe, key)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, recipe={self.recipe}"

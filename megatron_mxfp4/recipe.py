@@ -32,6 +32,10 @@ class MXFP4Recipe:
         shared experts like a dense MLP; "none" keeps the whole MoE block unquantized. The router
         is never quantized.
 
+    cuda_graphs: keep each layer's call counter on its GPU, which then computes every call's Philox offsets
+        (two small kernels per forward), so that a CUDA graph capturing MXFP4 layers draws the bits of the
+        next call at every replay, exactly as the same calls run eagerly. The numerics do not change.
+
     Baseline option: backward_format "fp8" runs the selected backward GEMMs in FP8 E4M3 with
     per-tensor current scaling instead of MXFP4 (rounding / RHT then do not apply): the FP8 arm
     of A/B studies.
@@ -50,6 +54,7 @@ class MXFP4Recipe:
     lm_head: bool = False
     backward_format: str = "mxfp4"
     moe: str = "experts"
+    cuda_graphs: bool = False
 
     def __post_init__(self):
         if self.rounding not in ROUNDINGS:
@@ -72,8 +77,9 @@ class MXFP4Recipe:
                              f"got {self.backward_format!r}")
         if self.moe not in MOE_MODES:
             raise ValueError(f"MXFP4Recipe.moe must be one of {MOE_MODES}, got {self.moe!r}")
-        if not isinstance(self.lm_head, bool):
-            raise ValueError(f"MXFP4Recipe.lm_head must be a bool, got {self.lm_head!r}")
+        for name in ("lm_head", "cuda_graphs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"MXFP4Recipe.{name} must be a bool, got {getattr(self, name)!r}")
 
     @property
     def effective_rht_block(self) -> int:

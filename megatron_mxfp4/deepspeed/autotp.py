@@ -79,7 +79,7 @@ class MXFP4LinearLayer(_StreamMixin, LinearLayer):
         if self.recipe is None:
             return super().forward(input)
         _no_deferred_collectives(self)
-        key = self._next_key()
+        key = self._next_key(input.device)
         if not self.__class__.tp_overlap_comm:
             if getattr(self, "mp_group", None) is not None:
                 input = ColumnParallel.apply(self.mp_group, input)
@@ -107,7 +107,7 @@ class MXFP4LinearAllreduce(_StreamMixin, LinearAllreduce):
         if self.recipe is None:
             return super().forward(input)
         _no_deferred_collectives(self)
-        output = MXFP4LinearFunction.apply(input, self.weight, None, self.recipe, self._next_key())
+        output = MXFP4LinearFunction.apply(input, self.weight, None, self.recipe, self._next_key(input.device))
         output = RowParallel.apply(self.mp_group, output, not self.is_training_mode())
         if self.bias is not None:
             output = add_bias(output, self.bias)

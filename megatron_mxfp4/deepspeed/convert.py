@@ -191,7 +191,7 @@ def unconvert(model: nn.Module) -> nn.Module:
         base = next(c for c in type(m).__mro__[1:] if not issubclass(c, _StreamMixin))
         if base.__name__ == "MXFP4Linear":
             base = nn.Linear
-        for attr in ("recipe", "layer_id", "mxfp4_name", "_calls", "_mxfp4_seed"):
+        for attr in ("recipe", "layer_id", "mxfp4_name", "_mxfp4_calls", "_mxfp4_device_calls", "_mxfp4_seed"):
             m.__dict__.pop(attr, None)
         m.weight.__dict__.pop("_mxfp4_conversion", None)
         m.__class__ = base

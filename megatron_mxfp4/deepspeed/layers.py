@@ -64,18 +64,16 @@ class _StreamMixin:
         self.recipe = recipe
         self.layer_id = layer_id
         self.mxfp4_name = name or f"linear{layer_id}"  # the layer's label in diagnostics
-        self._calls = 0
+        self._mxfp4_calls = 0
         self._mxfp4_seed: Optional[int] = None
 
     def _mxfp4_tp_group(self):
         return None
 
-    def _next_key(self) -> bwd.StreamKey:
+    def _next_key(self, device) -> bwd.StreamKey:
         if self._mxfp4_seed is None:  # at the first forward, when the process groups exist
             self._mxfp4_seed = derive_seed(self.recipe.seed, replica_rank(self._mxfp4_tp_group()))
-        key = bwd.StreamKey(self._mxfp4_seed, self.layer_id, self._calls, self.mxfp4_name)
-        self._calls += 1
-        return key
+        return bwd.next_stream_key(self, self.recipe, self._mxfp4_seed, self.layer_id, self.mxfp4_name, device)
 
 
 class MXFP4DeepSpeedLinear(_StreamMixin, MXFP4Linear):
@@ -84,7 +82,7 @@ class MXFP4DeepSpeedLinear(_StreamMixin, MXFP4Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.recipe is None:
             return F.linear(x, self.weight, self.bias)
-        return MXFP4LinearFunction.apply(x, self.weight, self.bias, self.recipe, self._next_key())
+        return MXFP4LinearFunction.apply(x, self.weight, self.bias, self.recipe, self._next_key(x.device))
 
 
 class MXFP4Conv1DFunction(torch.autograd.Function):
@@ -142,7 +140,7 @@ def mxfp4_conv1d_class(base: type) -> type:
         def forward(self, x):
             if self.recipe is None:
                 return base.forward(self, x)
-            return MXFP4Conv1DFunction.apply(x, self.weight, self.bias, self.recipe, self._next_key())
+            return MXFP4Conv1DFunction.apply(x, self.weight, self.bias, self.recipe, self._next_key(x.device))
 
         def __repr__(self):
             return f"MXFP4Conv1D(nf={self.nf}, nx={self.nx}, recipe={self.recipe})"

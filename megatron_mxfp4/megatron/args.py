@@ -85,7 +85,18 @@ def add_mxfp4_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="with --num-experts: 'experts' runs the routed and shared experts' backward GEMMs in "
                         "MXFP4, 'none' keeps the MoE block in BF16; the router is never quantized "
                         f"(default: {_DEFAULT.moe})")
+    g.add_argument("--mxfp4-cuda-graphs", action="store_true",
+                   help="keep the MXFP4 layers' call counters on the GPU so that CUDA graphs replay with fresh "
+                        "random bits per call, as eager calls do (on by itself with Megatron's CUDA-graph options)")
     return parser
+
+
+def _megatron_cuda_graphs(args) -> bool:
+    """Whether Megatron's own flags ask for CUDA graphs (--cuda-graph-impl, --enable-cuda-graph,
+    --external-cuda-graph)."""
+    impl = getattr(args, "cuda_graph_impl", None)
+    return (impl not in (None, "none") or bool(getattr(args, "enable_cuda_graph", False))
+            or bool(getattr(args, "external_cuda_graph", False)))
 
 
 def recipe_from_args(args) -> Optional[MXFP4Recipe]:
@@ -114,4 +125,5 @@ def recipe_from_args(args) -> Optional[MXFP4Recipe]:
         lm_head=bool(args.mxfp4_lm_head),
         backward_format=args.mxfp4_backward_format,
         moe=args.mxfp4_moe,
+        cuda_graphs=bool(getattr(args, "mxfp4_cuda_graphs", False)) or _megatron_cuda_graphs(args),
     )

@@ -138,7 +138,7 @@ class _MXFP4ParallelMixin:
             self.mxfp4_expert = int(expert)
         self._mxfp4_seed = None
 
-    def _stream_key(self) -> bwd.StreamKey:
+    def _stream_key(self, device) -> bwd.StreamKey:
         if self._mxfp4_seed is None:
             if not self.is_expert:
                 self._mxfp4_seed = derive_seed(self.recipe.seed, data_parallel_rank())
@@ -146,9 +146,7 @@ class _MXFP4ParallelMixin:
                 self._mxfp4_seed = derive_seed(self.recipe.seed, expert_data_parallel_rank())
             else:
                 self._mxfp4_seed = expert_seed(self.recipe.seed, expert_data_parallel_rank(), self.mxfp4_expert)
-        key = bwd.StreamKey(self._mxfp4_seed, self.mxfp4_layer_id, self._mxfp4_calls, name=self.mxfp4_name)
-        self._mxfp4_calls += 1
-        return key
+        return bwd.next_stream_key(self, self.recipe, self._mxfp4_seed, self.mxfp4_layer_id, self.mxfp4_name, device)
 
     def _forward_impl(self, input, weight, *args, **kwargs):
         if self.recipe is None:
@@ -179,7 +177,7 @@ class _MXFP4ParallelMixin:
                                  f"{self.mxfp4_name} and layers like it use megatron-core's stock (BF16) path")
             return super()._forward_impl(input, weight, **kwargs)
         return mxfp4_parallel_linear(
-            input, weight, kwargs.get("bias"), self.recipe, self._stream_key(),
+            input, weight, kwargs.get("bias"), self.recipe, self._stream_key(weight.device),
             gradient_accumulation_fusion=bool(kwargs.get("gradient_accumulation_fusion", False)),
             allreduce_dgrad=bool(kwargs.get("allreduce_dgrad", False)),
             sequence_parallel=bool(kwargs.get("sequence_parallel", False)),

@@ -127,6 +127,10 @@ def check_quantize_args(x: torch.Tensor, dim: int, rht_block: int, signs: Option
     return dim
 
 
+def _u64_value(v) -> int:
+    return int(v.item()) & ((1 << 64) - 1) if isinstance(v, torch.Tensor) else int(v)
+
+
 def quantize_reference(
     x: torch.Tensor,
     dim: int = -1,
@@ -137,8 +141,10 @@ def quantize_reference(
     seed: int = 0,
     offset: int = 0,
 ) -> MXFP4Tensor:
-    """Quantize `x` to MXFP4 along `dim` (see the module docstring for the exact steps)."""
+    """Quantize `x` to MXFP4 along `dim` (see the module docstring for the exact steps). `seed` / `offset`
+    may also be one-element integer tensors holding the bits of the unsigned value (read here: synchronizes)."""
     dim = check_quantize_args(x, dim, rht_block, signs)
+    seed, offset = _u64_value(seed), _u64_value(offset)
     p = resolve_prescale(rounding, prescale)
     if rht_block and signs is None:
         signs = draw_signs(rht_block, seed, offset, x.device)

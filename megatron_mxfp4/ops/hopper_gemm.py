@@ -81,7 +81,7 @@ class _FallbackMonitor:
         return st["dev"]
 
     def after_call(self, device) -> None:
-        if "bad_slabs" in _warned:
+        if "bad_slabs" in _warned or torch.cuda.is_current_stream_capturing():  # polled by eager calls only
             return
         st = self._state[self._key(device)]
         st["calls"] += 1

@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from ..backward import calls_made, set_calls
 from .errors import UsageError
 
 KEEP = 2
@@ -41,7 +42,7 @@ def latest_step(run_dir: str) -> Optional[int]:
 
 def mxfp4_counters(model) -> dict:
     """Call counters of the MXFP4 layers (they key the random streams), by module name."""
-    return {n: int(m._mxfp4_calls) for n, m in model.named_modules() if hasattr(m, "_mxfp4_calls")}
+    return {n: calls_made(m) for n, m in model.named_modules() if hasattr(m, "_mxfp4_calls")}
 
 
 def set_mxfp4_counters(model, counters: dict) -> None:
@@ -50,7 +51,7 @@ def set_mxfp4_counters(model, counters: dict) -> None:
         raise RuntimeError("checkpoint does not match the model's MXFP4 layers (different arm or model?): "
                            f"{sorted(set(modules) ^ set(counters))[:4]}")
     for n, m in modules.items():
-        m._mxfp4_calls = int(counters[n])
+        set_calls(m, counters[n])
 
 
 def rng_state() -> dict:

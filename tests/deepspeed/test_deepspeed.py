@@ -174,11 +174,11 @@ def test_layer_ids_stable_and_reconvert_updates_recipe():
     ids = {n: m.layer_id for n, m in mds.converted_modules(model)}
     assert ids == {"blocks.1.up": 2, "blocks.1.down": 3}  # position among all linears, filtered or not
     model(_idx()).sum().backward()
-    calls = model.blocks[1].up._calls
+    calls = model.blocks[1].up._mxfp4_calls
     new = MXFP4Recipe(seed=99)
     mds.convert(model, new)
     assert all(m.recipe == new for _, m in mds.converted_modules(model))
-    assert model.blocks[1].up._calls == calls and model.blocks[0].up.layer_id == 0
+    assert model.blocks[1].up._mxfp4_calls == calls and model.blocks[0].up.layer_id == 0
 
 
 def test_layers_of_any_size_convert_and_train():

@@ -25,10 +25,10 @@ def test_every_flag_maps_to_the_recipe():
                                "--mxfp4-rounding", "rtn", "--mxfp4-forward", "fp8", "--mxfp4-gemms", "wgrad",
                                "--mxfp4-seed", "0x10", "--mxfp4-backend", "reference",
                                "--mxfp4-bf16-first-layers", "2", "--mxfp4-bf16-last-layers", "1", "--mxfp4-lm-head",
-                               "--mxfp4-backward-format", "fp8", "--mxfp4-moe", "none"))
+                               "--mxfp4-backward-format", "fp8", "--mxfp4-moe", "none", "--mxfp4-cuda-graphs"))
     assert r == MXFP4Recipe(dgrad=False, wgrad=True, rounding="rtn", rht_block=128, sign_policy="per_layer",
                             forward="fp8", backend="reference", seed=16, bf16_first_layers=2, bf16_last_layers=1,
-                            lm_head=True, backward_format="fp8", moe="none")
+                            lm_head=True, backward_format="fp8", moe="none", cuda_graphs=True)
     assert recipe_from_args(parse("--mxfp4-backward", "--mxfp4-gemms", "dgrad")).wgrad is False
 
 
@@ -40,6 +40,18 @@ def test_bad_values_are_rejected_by_the_parser(argv, capsys):
     with pytest.raises(SystemExit):
         parse("--mxfp4-backward", *argv)
     assert argv[0] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value", [("cuda_graph_impl", "local"), ("cuda_graph_impl", "transformer_engine"),
+                                         ("enable_cuda_graph", True), ("external_cuda_graph", True)])
+def test_megatron_cuda_graph_options_keep_the_counters_on_the_gpu(flag, value):
+    args = parse("--mxfp4-backward")
+    assert recipe_from_args(args).cuda_graphs is False
+    setattr(args, flag, value)
+    assert recipe_from_args(args).cuda_graphs is True
+    args = parse("--mxfp4-backward")
+    args.cuda_graph_impl = "none"
+    assert recipe_from_args(args).cuda_graphs is False
 
 
 def test_te_fp8_and_mxfp4_together_is_an_error():
