@@ -329,7 +329,8 @@ def main(argv=None):
     seq = SEQ[args.model]
     result = dict(command=C.command_line(), device_info=C.device_info(dev), model=args.model,
                   tp=tp, micro_batch=cfg["micro_batch"], global_batch=cfg["global_batch"], seq=seq, iters=iters,
-                  log_interval=args.log_interval, skip=args.skip, notes=notes, rows=rows, log_dir=log_dir)
+                  log_interval=args.log_interval, skip=args.skip, notes=notes, rows=rows,
+                  log_dir=os.path.relpath(os.path.abspath(log_dir), C.REPO))  # no machine path in the record
     start = time.time()
     lock = threading.Lock()
 

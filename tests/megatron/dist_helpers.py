@@ -40,6 +40,16 @@ def model_parallel(tp: int, ep: int = 1, etp=None):
         ps.destroy_model_parallel()
 
 
+def parse_entry_args(entry, argv):
+    """The entry point's parsed arguments for `argv` (Megatron's parser reads sys.argv)."""
+    old = sys.argv
+    sys.argv = ["pretrain_gpt"] + list(argv)
+    try:
+        return entry.parse_args()
+    finally:
+        sys.argv = old
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

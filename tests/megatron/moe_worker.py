@@ -278,12 +278,7 @@ def moe_argv():
             "--no-persist-layer-norm", "--num-experts", str(EXPERTS), "--moe-router-topk", "2",
             "--moe-token-dispatcher-type", "allgather", "--expert-model-parallel-size", "2",
             "--mxfp4-backward", "--mxfp4-moe", "experts", "--mxfp4-backend", ON.backend]
-    old = sys.argv
-    sys.argv = ["pretrain_gpt"] + argv
-    try:
-        args = entry.parse_args()
-    finally:
-        sys.argv = old
+    args = H.parse_entry_args(entry, argv)
     recipe, model_cfg = entry.build_model_config(args)
     res = {"moe": recipe.moe}
     with H.model_parallel(1, 2):

@@ -528,12 +528,7 @@ def argv_flow():
         import megatron.training.arguments as margs
 
         margs.get_device_arch_version = lambda: 9
-    old = sys.argv
-    sys.argv = ["pretrain_gpt"] + argv
-    try:
-        args = entry.parse_args()
-    finally:
-        sys.argv = old
+    args = H.parse_entry_args(entry, argv)
     recipe, model_cfg = entry.build_model_config(args)
     res = {"recipe": None if recipe is None else {k: getattr(recipe, k) for k in recipe.__dataclass_fields__},
            "spec": type(model_cfg.transformer_layer_spec).__name__,
