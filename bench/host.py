@@ -4,6 +4,8 @@ For each shape (T tokens, in → out) and arm, side by side in one run:
   nn_linear       torch.nn.Linear in BF16 (the floor a layer's host path is held to)
   mxfp4_bf16fwd   MXFP4Linear, BF16 forward + MXFP4 backward (default recipe: SR, RHT g = 64)
   mxfp4_fp8fwd    MXFP4Linear with recipe.forward = "fp8"
+  mxfp4_graph     mxfp4_bf16fwd with recipe.cuda_graphs, forward + backward captured once in a CUDA graph:
+                  the host's cost is one `replay()` (GPU only; skipped on a CPU)
 
 Columns: host ms = median wall time of the Python call `y = layer(x); y.backward(dy)` with the GPU
 synchronized before each call (so the launch queue never blocks it: this is the time the host needs to issue
@@ -33,7 +35,9 @@ ARMS = {
     "nn_linear": None,
     "mxfp4_bf16fwd": MXFP4Recipe(),
     "mxfp4_fp8fwd": MXFP4Recipe(forward="fp8"),
+    "mxfp4_graph": MXFP4Recipe(cuda_graphs=True),
 }
+GRAPH_ARMS = ("mxfp4_graph",)
 
 
 def build(arm: str, din: int, dout: int, device, dtype):
@@ -60,6 +64,19 @@ def measure_arm(arm: str, t: int, din: int, dout: int, device, iters: int, warmu
         x.grad = None
         layer.weight.grad = None
         layer(x).backward(dy)
+
+    if arm in GRAPH_ARMS:  # warm up on a side stream, capture one call; each step is then a replay
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        x.grad = layer.weight.grad = None
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            layer(x).backward(dy)
+        step = graph.replay  # noqa: F811
 
     for _ in range(warmup):
         step()
@@ -117,10 +134,11 @@ def markdown(result: dict) -> str:
              f"{result['warmup']} warm-up calls per arm (see `bench/host.py` for the columns).", ""]
     rows = []
     for r in result["rows"]:
-        base = next(b for b in result["rows"] if b["shape"] == r["shape"] and b["arm"] == "nn_linear")
+        base = next((b for b in result["rows"] if b["shape"] == r["shape"] and b["arm"] == "nn_linear"), None)
         t, din, dout = r["shape"]
         rows.append([f"{t}, {din} → {dout}", r["arm"], C.fmt(r["host_ms"]),
-                     f"{C.fmt(r['host_p10'])}–{C.fmt(r['host_p90'])}", C.fmt(r["host_ms"] / base["host_ms"]),
+                     f"{C.fmt(r['host_p10'])}–{C.fmt(r['host_p90'])}",
+                     C.fmt(r["host_ms"] / base["host_ms"]) if base else "–",
                      C.fmt(r["wall_ms"]), C.fmt(r["kernels"])])
     lines.append(C.markdown_table(["T, in → out", "arm", "host ms", "p10–p90", "× nn.Linear", "call + sync ms",
                                    "kernels"], rows))
@@ -147,9 +165,13 @@ def main(argv=None):
         assert all(len(s) == 3 and min(s) > 0 for s in shapes)
     except (ValueError, AssertionError):
         raise SystemExit(f"bench/host.py: --shapes {args.shapes!r} must be a comma list of TxINxOUT, e.g. 256x256x256")
+    arms = args.arms.split(",")
+    if device.type != "cuda" and any(a in GRAPH_ARMS for a in arms):
+        print(f"bench/host.py: {[a for a in arms if a in GRAPH_ARMS]} need a CUDA device; skipped")
+        arms = [a for a in arms if a not in GRAPH_ARMS]
     rows = []
     for t, din, dout in shapes:
-        for arm in args.arms.split(","):
+        for arm in arms:
             r = measure_arm(arm, t, din, dout, device, args.iters, args.warmup)
             rows.append(r)
             print(f"{t}x{din}->{dout} {arm:<14} host {r['host_ms']:.3f} ms  call+sync {r['wall_ms']:.3f} ms  "
@@ -161,8 +183,8 @@ def main(argv=None):
     C.write_results(args.out or C.default_stem("host", device), result, text)
     if args.profile:
         t, din, dout = shapes[0]
-        for arm in args.arms.split(","):
-            if ARMS[arm] is not None:
+        for arm in arms:
+            if ARMS[arm] is not None and arm not in GRAPH_ARMS:
                 print(profile_arm(arm, t, din, dout, device, args.profile))
 
 

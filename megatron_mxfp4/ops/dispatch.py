@@ -14,9 +14,8 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from ..numerics.fp8 import fp8_matmul_reference
-from ..numerics.quantize import MXFP4Tensor, check_gemm_operands, check_quantize_args, gemm_reference, quantize_reference
+from ..numerics.quantize import FLOAT_DTYPES, MXFP4Tensor, check_gemm_operands, check_quantize_args, gemm_reference, quantize_reference
 
-FP8_CAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BACKENDS = ("auto", "reference", "cuda", "hopper", "hopper_exact", "blackwell", "triton")
 
 
@@ -165,7 +164,7 @@ def fp8_matmul(a: torch.Tensor, b: torch.Tensor, out_dtype=None) -> torch.Tensor
     if a.is_cuda and device_capability(a.device) >= (8, 9):
         from . import fp8_cast  # imports this module
 
-        if fp8_cast._native() and a.dtype in FP8_CAST_DTYPES and b.dtype in FP8_CAST_DTYPES:
+        if fp8_cast._native() and a.dtype in FLOAT_DTYPES and b.dtype in FLOAT_DTYPES:
             (qa, sa), (qb, sb) = fp8_cast.quantize_fp8_pair(a, b)  # both operands in one call
         else:
             qa, sa = fp8_cast.quantize_fp8_any(a)

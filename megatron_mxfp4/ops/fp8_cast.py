@@ -116,8 +116,10 @@ def quantize_fp8_pair(a: torch.Tensor, b: Optional[torch.Tensor] = None):
                                                                                      device=dev)) for t in ops]
     work = torch.empty(len(ops), dtype=torch.int32, device=dev)
     args = []
-    for t, (codes, scale) in zip(ops + ops[:1] * (2 - len(ops)), outs + outs[:1] * (2 - len(outs))):
+    for t, (codes, scale) in zip(ops, outs):
         args += [t.data_ptr(), _DTYPE_CODES[t.dtype], t.numel(), codes.data_ptr(), scale.data_ptr()]
+    if b is None:
+        args += [0, 0, 0, 0, 0]  # no second operand (count = 1)
     launch_on(dev, _ext.fp8_cast, *args, len(ops), _INV_MAX, work.data_ptr(), current_stream_handle(dev))
     return outs[0], (outs[1] if b is not None else None)
 
