@@ -101,6 +101,9 @@ def next_stream_key(owner, recipe: MXFP4Recipe, seed: int, layer: int, name: str
         return StreamKey(seed, layer, call, name)
     dc = getattr(owner, "_mxfp4_device_calls", None)
     if dc is None or dc.layer != layer or dc.count.device != torch.device(device):
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"{name or 'an MXFP4 layer'}: run one eager forward before capturing it in a CUDA "
+                               "graph (its device call counter is made then; warm-up calls are the usual practice)")
         dc = owner._mxfp4_device_calls = DeviceCalls(layer, call, device)
     return StreamKey(seed, layer, call, name, offsets=dc.next_offsets())
 

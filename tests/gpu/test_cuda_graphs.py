@@ -117,3 +117,17 @@ def test_without_device_counters_a_replay_repeats_the_captured_bits():
     again = _grads(graphed, x)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert not torch.equal(again[1], _grads(eager, xe)[1])
+
+
+def test_capturing_a_layer_that_never_ran_eagerly_says_what_to_do():
+    layer = MXFP4Linear(64, 64, device=DEV, dtype=torch.bfloat16, recipe=MXFP4Recipe(cuda_graphs=True))
+    x = torch.randn(32, 64, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError) as info:
+        with torch.cuda.graph(graph):
+            layer(x)
+    chain, e = [], info.value  # ending the aborted capture may raise in turn: look along the chain
+    while e is not None:
+        chain.append(str(e))
+        e = e.__context__
+    assert any("run one eager forward before capturing" in m for m in chain), chain
