@@ -87,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
                    help="model dtype (auto: bf16 on GPU, fp32 on CPU)")
     s.add_argument("--tp", type=int, default=1, help="tensor-parallel size (under torchrun)")
-    s.add_argument("--transformer-impl", choices=("local", "transformer_engine"), default="local",
-                   help="megatron-core layer spec of every arm (te-fp8 always uses TE)")
+    s.add_argument("--transformer-impl", choices=("local", "local_sdpa", "transformer_engine"), default="local",
+                   help="megatron-core layer spec of every arm (te-fp8 always uses TE); local_sdpa: the local spec "
+                        "with PyTorch's fused scaled-dot-product attention")
     s.add_argument("--mxfp4-backend", choices=BACKENDS, default="auto", help="kernel backend of the MXFP4 arms")
     s.add_argument("--shard", default="0/1", help="i/n: run only every n-th (arm, seed) job starting at i "
                                                   "(e.g. one process per GPU)")

@@ -130,7 +130,8 @@ def transformer_config(cfg, arm: Arm, dtype: torch.dtype, tp: int, sequence_para
 
 def layer_spec(arm: Arm, impl: str, num_experts=None):
     """The transformer-layer spec of an arm: megatron-core's local or TE spec (MoE MLPs with
-    `num_experts`), with the plugin's MXFP4 linears swapped in when the arm has a recipe."""
+    `num_experts`), with the plugin's MXFP4 linears swapped in when the arm has a recipe; impl
+    "local_sdpa": the local spec with PyTorch's fused attention (`megatron.attention.use_sdpa`)."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     check_te(arm, impl)
@@ -138,10 +139,16 @@ def layer_spec(arm: Arm, impl: str, num_experts=None):
     if arm.recipe is None:
         if use_te:
             return specs.get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts)
-        return specs.get_gpt_layer_local_spec(num_experts=num_experts)
-    from ..megatron import get_gpt_layer_spec
+        spec = specs.get_gpt_layer_local_spec(num_experts=num_experts)
+    else:
+        from ..megatron import get_gpt_layer_spec
 
-    return get_gpt_layer_spec(arm.recipe, transformer_engine=use_te, num_experts=num_experts)
+        spec = get_gpt_layer_spec(arm.recipe, transformer_engine=use_te, num_experts=num_experts)
+    if impl == "local_sdpa" and not use_te:
+        from ..megatron.attention import use_sdpa
+
+        use_sdpa(spec)
+    return spec
 
 
 def padded_vocab(vocab: int, tp: int, multiple: int = 128) -> int:

@@ -99,3 +99,13 @@ def test_gpt_at_megatron_unit_test_sizes(mcore_results, tp):
     to import: with the MXFP4 spec, logits equal stock and the gradient is finite and aligned with stock."""
     r = scenario(mcore_results, "gpt_unit_test_sizes")[f"tp{tp}"]
     assert r["logits_equal"] and r["grads_finite"] and r["cosine"] > 0.95, r
+
+
+def test_sdpa_attention_matches_megatrons_local_attention(mcore_results):
+    res = scenario(mcore_results, "sdpa_attention")
+    for case, r in res.items():
+        if case == "dropout":
+            continue
+        assert r["n_sdpa"] == 2, case  # one per layer
+        assert r["loss_rel"] < 1e-5 and r["grad_rel"] < 1e-4 and r["plugin_grad_rel"] < 1e-4, (case, r)
+    assert res["dropout"] == {"finite": True, "differs": True}

@@ -212,6 +212,41 @@ def gpt_parity():
     return res
 
 
+@scenario
+def sdpa_attention():
+    """The local spec with `use_sdpa` (PyTorch's fused attention) against megatron-core's DotProductAttention:
+    same loss and gradients up to float32 rounding, TP 1/2, multi-head and grouped-query attention, with the
+    plugin's layers too; with dropout it still trains (the pattern is the fused kernel's)."""
+    from megatron_mxfp4.megatron.attention import SDPAttention, use_sdpa
+
+    res = {}
+    for tp in (1, 2):
+        for groups in (None, 2):
+            kw = {} if groups is None else {"num_query_groups": groups}
+            with H.model_parallel(tp):
+                stock = _gpt(H.tiny_config(tp=tp, **kw), plugin=False)
+                sdpa = _gpt(H.tiny_config(tp=tp, **kw), plugin=False, layers_spec=use_sdpa(get_gpt_layer_local_spec()))
+                plug = _gpt(H.tiny_config(tp=tp, **kw), plugin=True,
+                            layers_spec=use_sdpa(mm.get_gpt_layer_spec(IDENTITY)))
+                n_sdpa = sum(isinstance(m, SDPAttention) for m in sdpa.modules())
+                ls, gs = _gpt_step(stock, False, False)
+                lq, gq = _gpt_step(sdpa, False, False)
+                lp, gp = _gpt_step(plug, False, False)
+                rel = lambda a, b: (a - b).abs().max().item() / max(b.abs().max().item(), 1e-30)  # noqa: E731
+                res[f"tp{tp}_groups{groups}"] = {
+                    "n_sdpa": n_sdpa, "loss_rel": max(rel(a, b) for a, b in zip(lq, ls)),
+                    "grad_rel": max(rel(gq[n], gs[n]) for n in gs if gs[n] is not None),
+                    "plugin_grad_rel": max(rel(gp[n], gs[n]) for n in gs if gs[n] is not None),
+                }
+    with H.model_parallel(1):
+        drop = _gpt(H.tiny_config(dropout=0.5), plugin=False, layers_spec=use_sdpa(get_gpt_layer_local_spec()))
+        nodrop = _gpt(H.tiny_config(), plugin=False, layers_spec=use_sdpa(get_gpt_layer_local_spec()))
+        ld, _ = _gpt_step(drop, False, False)
+        ln, _ = _gpt_step(nodrop, False, False)
+        res["dropout"] = {"finite": bool(torch.isfinite(ld[-1])), "differs": not equal(ld[-1], ln[-1])}
+    return res
+
+
 # ---------------------------------------------------------------- randomness
 
 @scenario

@@ -197,3 +197,23 @@ def test_diagnostics_guard_switches_and_survives_a_resume(tmp_path, small_data, 
     # Steps 2 and 3 must run unquantized again after the resume: same gradient norms and losses.
     assert [(r["loss"], r["grad_norm"]) for r in _train(run)] == [(r["loss"], r["grad_norm"]) for r in
                                                                    _train(os.path.join(ref, "mxfp4-rht-sr-s1"))]
+
+
+def test_fused_attention_spec_trains_like_the_local_one(tmp_path, megatron_cpu):
+    """--transformer-impl local_sdpa: every arm's attention is PyTorch's fused kernel; without dropout the
+    first loss is the local spec's (same init, same batch) up to float32 rounding."""
+    from megatron_mxfp4.megatron.attention import SDPAttention
+    from megatron_mxfp4.train.arms import ARMS
+    from megatron_mxfp4.train.model import layer_spec
+
+    for arm in ("bf16", "mxfp4-rht-sr"):
+        spec = layer_spec(ARMS[arm], "local_sdpa")
+        assert spec.submodules.self_attention.submodules.core_attention is SDPAttention
+    losses = {}
+    for impl in ("local", "local_sdpa"):
+        out = str(tmp_path / impl)
+        assert main(["--preset", "tiny", "--arms", "bf16", "--steps", "2", "--eval-interval", "2", "--dropout", "0",
+                     "--eval-samples", "16", "--out", out, "--threads", "2", "--no-progress",
+                     "--transformer-impl", impl]) == 0
+        losses[impl] = [r["loss"] for r in _train(os.path.join(out, "bf16-s1"))]
+    assert losses["local_sdpa"][0] == pytest.approx(losses["local"][0], rel=1e-5)
