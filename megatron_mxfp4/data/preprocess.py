@@ -3,12 +3,16 @@
     mxfp4-preprocess --input corpus.jsonl --output-prefix data/mycorpus          # JSON lines, "text" field
     mxfp4-preprocess --input book.txt --text-mode file --output-prefix data/book  # a text file = 1 document
     mxfp4-preprocess --corpus wiki --output-prefix data/wiki                      # a built-in corpus
+    mxfp4-preprocess --corpus site-packages --output-prefix data/site             # this environment's sources
     mxfp4-train --preset small --data-path data/mycorpus --arms bf16,mxfp4-rht-sr
 
 Inputs: ``.jsonl``/``.json`` files are JSON lines (``--json-key``, default ``text``); other files
 are plain text, one document per blank-line-separated block (``--text-mode paragraphs``) or per
 file (``--text-mode file``). Several ``--input`` are concatenated in order. Documents are kept in
-input order unless ``--shuffle-seed`` is given (the validation split is the last documents).
+input order unless ``--shuffle-seed`` is given (the validation split is the last documents). The
+``site-packages`` corpus is split by package: its metadata records the ``split`` that selects exactly its
+validation packages (mxfp4-train's default for the dataset) and a manifest of what was read; a shuffle then
+stays on each side of the split.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import argparse
 import random
 import time
 
-from .corpus import CORPORA, load_corpus, read_documents
+from .corpus import CORPORA, load_corpus, read_documents, site_packages_corpus
 from .indexed import write_indexed_dataset
 from .tokenizer import load_tokenizer
 
@@ -35,18 +39,27 @@ def main(argv=None):
     args = ap.parse_args(argv)
     t0 = time.time()
     tok = load_tokenizer(args.tokenizer)
-    if args.corpus:
+    extra = None
+    if args.corpus == "site-packages":
+        corpus = site_packages_corpus()
+        train, valid = corpus.docs[:corpus.n_train], corpus.docs[corpus.n_train:]
+        if args.shuffle_seed is not None:
+            random.Random(args.shuffle_seed).shuffle(train)
+            random.Random(args.shuffle_seed + 1).shuffle(valid)
+        docs, source = train + valid, "built-in corpus 'site-packages' (this environment's source files)"
+        extra = {"split": corpus.split, "manifest": corpus.manifest}
+    elif args.corpus:
         docs, source = load_corpus(args.corpus), f"built-in corpus {args.corpus!r}"
     else:
         docs = []
         for path in args.input:
             docs.extend(read_documents(path, args.json_key, args.text_mode))
         source = ", ".join(args.input)
-    if args.shuffle_seed is not None:
+    if args.shuffle_seed is not None and extra is None:
         random.Random(args.shuffle_seed).shuffle(docs)
-    meta = write_indexed_dataset(docs, tok, args.output_prefix, source=source)
+    meta = write_indexed_dataset(docs, tok, args.output_prefix, source=source, extra=extra)
     print(f"{args.output_prefix}.bin/.idx: {meta['documents']:,} documents, {meta['tokens']:,} tokens "
-          f"({tok}), {time.time() - t0:.1f} s")
+          f"({tok}), {time.time() - t0:.1f} s" + (f"; split {meta['split']} (by package)" if extra else ""))
     return meta
 
 

@@ -116,8 +116,14 @@ def resolve_config(args):
     """The preset with the command line's overrides, checked (ValueError naming the option)."""
     from ..data.indexed import split_weights
 
+    from ..data.indexed import dataset_summary
+
     cfg = PRESETS[args.preset]
     kw = {f: getattr(args, f) for f in FIELDS if hasattr(args, f)}
+    if kw.get("split") is None and getattr(args, "data_path", None):  # a dataset split by package says how
+        meta = dataset_summary(args.data_path)
+        if meta and meta.get("split"):
+            kw["split"] = meta["split"]
     cfg = cfg.override(**kw)
     for f in ("layers", "hidden", "heads", "ffn", "seq_length", "steps", "global_batch", "micro_batch",
               "eval_interval", "eval_samples", "save_interval", "log_interval"):

@@ -131,3 +131,78 @@ def test_preprocess_and_gpt_dataset(tmp_path):
                                    cache_dir=str(tmp_path / "cache"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         indexed.read_meta(str(tmp_path / "nothing"))
+
+
+def _fake_environment(root):
+    """Two site-packages folders: packages of different sizes, a duplicate file, an empty one, a too-large one,
+    metadata folders and binary files that are not read."""
+    a, b = root / "a" / "site-packages", root / "b" / "site-packages"
+    files = {
+        a / "alpha" / "__init__.py": "import os\n" * 50,
+        a / "alpha" / "core.h": "int f(void);\n" * 40,
+        a / "alpha" / "README.md": "# alpha\n" * 30,
+        a / "beta.py": "def beta():\n    return 1\n" * 20,
+        a / "gamma" / "mod.py": "x = 1\n",
+        a / "gamma" / "copy_of_alpha.py": "import os\n" * 50,   # same bytes as alpha/__init__.py
+        a / "gamma" / "empty.txt": "   \n",
+        a / "gamma" / "data.bin": "\x00\x01",
+        a / "alpha-1.0.dist-info" / "METADATA.txt": "Name: alpha\n",
+        b / "delta" / "kernel.cu": "__global__ void k() {}\n" * 10,
+        b / "epsilon" / "big.py": "#" * (corpus.SITE_MAX_FILE_BYTES + 1),
+        b / "zeta" / "z.pyi": "def z() -> int: ...\n" * 5,
+    }
+    for path, text in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return [str(a), str(b)]
+
+
+def test_site_packages_corpus_splits_by_package(tmp_path):
+    roots = _fake_environment(tmp_path)
+    c = corpus.site_packages_corpus(roots, valid_fraction=0.2)
+    m = c.manifest
+    assert m["left_out"] == {"duplicates": 1, "too_large": 1, "empty": 1}
+    assert set(m["packages"]) == {"alpha", "beta", "gamma", "delta", "zeta"}  # no dist-info, no binaries
+    assert m["files"] == len(c.docs) == 7 and m["packages"]["alpha"]["files"] == 3
+    valid = set(m["valid_packages"])
+    assert valid and 0 < m["valid_bytes"] <= 0.2 * m["bytes"]
+    n_valid = sum(m["packages"][p]["files"] for p in valid)
+    assert c.split == f"{len(c.docs) - n_valid},{n_valid},0" and c.n_train == len(c.docs) - n_valid
+    # whole packages on each side: every validation document comes from a validation package
+    valid_texts = {t for p in valid for t in _texts_of(roots, p)}
+    train_texts = {t for p in set(m["packages"]) - valid for t in _texts_of(roots, p)}
+    assert set(c.docs[c.n_train:]) <= valid_texts and set(c.docs[:c.n_train]) <= train_texts
+    again = corpus.site_packages_corpus(roots, valid_fraction=0.2)
+    assert again.docs == c.docs and again.manifest["content_fingerprint"] == m["content_fingerprint"]
+    (tmp_path / "b" / "site-packages" / "zeta" / "z.pyi").write_text("changed\n")
+    assert corpus.site_packages_corpus(roots, 0.2).manifest["content_fingerprint"] != m["content_fingerprint"]
+
+
+def _texts_of(roots, package):
+    out = []
+    for root in roots:
+        for dirpath, _, names in os.walk(root):
+            rel = os.path.relpath(dirpath, root)
+            top = rel.split(os.sep)[0] if rel != "." else None
+            for n in names:
+                owner = top if top else os.path.splitext(n)[0]
+                if owner == package and n.endswith(corpus.SITE_EXTENSIONS):
+                    text = open(os.path.join(dirpath, n)).read()
+                    if text.strip() and len(text) <= corpus.SITE_MAX_FILE_BYTES:
+                        out.append(text)
+    return out
+
+
+def test_site_packages_dataset_carries_its_split_to_mxfp4_train(tmp_path, monkeypatch):
+    from megatron_mxfp4.data import preprocess
+    from megatron_mxfp4.train.cli import build_parser, resolve_config
+
+    roots = _fake_environment(tmp_path)
+    monkeypatch.setattr(corpus, "site_roots", lambda: roots)
+    prefix = str(tmp_path / "ds" / "site")
+    meta = preprocess.main(["--corpus", "site-packages", "--output-prefix", prefix, "--shuffle-seed", "1"])
+    assert meta["documents"] == 7 and meta["split"].endswith(",0") and meta["manifest"]["files"] == 7
+    cfg = resolve_config(build_parser().parse_args(["--data-path", prefix]))
+    assert cfg.split == meta["split"]
+    cfg = resolve_config(build_parser().parse_args(["--data-path", prefix, "--split", "9,1,0"]))
+    assert cfg.split == "9,1,0"  # the command line wins
