@@ -19,6 +19,7 @@ import torch
 
 from .. import diagnostics
 from . import checkpoint as ckpt
+from .metrics import peak_flops
 from .errors import UsageError
 from .metrics import MetricsWriter, trim_logs
 from .model import build_model
@@ -252,11 +253,14 @@ def summarize_arm(run_dir, arm_name, seed, cfg, dist, dtype, impl, gpt, step_tim
     times = [r["step_time"] for r in train[min(len(train) - 1, 3):]] if train else []
     tps = cfg.global_batch * cfg.seq_length / statistics.median(times) if times else float("nan")
     n_params = sum(p.numel() for p in gpt.parameters())
+    flops = cfg.model_flops_per_token(gpt.vocab_size)
+    peak = peak_flops(_device_name(dist), dtype)
     return {
         "arm": arm_name, "seed": seed, "steps": cfg.steps, "tokens": cfg.steps * cfg.global_batch * cfg.seq_length,
         "final_val_loss": valid[-1]["loss"] if valid else None,
         "final_train_loss": sum(r["loss"] for r in tail) / len(tail) if tail else None,
-        "tokens_per_s": tps, "peak_memory_mb": _peak_memory_mb(dist),
+        "tokens_per_s": tps, "peak_memory_mb": _peak_memory_mb(dist), "model_flops_per_token": flops,
+        "mfu": tps * flops / (peak * dist.world) if peak else None,
         "memory_kind": "cuda max allocated" if dist.device.type == "cuda" else "process peak RSS",
         "params_per_tp_rank": n_params, "dtype": str(dtype).replace("torch.", ""), "device": _device_name(dist),
         "transformer_impl": impl, "tp": dist.tp, "dp": dist.dp, "wall_s_this_process": wall,

@@ -12,6 +12,16 @@ from typing import List, Optional
 
 _warned_tb = False
 
+#: dense BF16 tensor-core peak FLOP/s per GPU, by a substring of the device name (vendor data sheets)
+PEAK_BF16_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12}
+
+
+def peak_flops(device_name: str, dtype) -> Optional[float]:
+    """The peak FLOP/s that MFU is counted against: BF16 runs on a GPU listed in `PEAK_BF16_FLOPS`, else None."""
+    if "bfloat16" not in str(dtype):
+        return None
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
+
 
 def read_jsonl(path: str) -> List[dict]:
     if not os.path.exists(path):

@@ -49,6 +49,15 @@ class Config:
         per_layer = 4 * h * h + b * 4 * h + mlp + 4 * h
         return self.layers * per_layer + vocab * h + self.seq_length * h + 2 * h
 
+    def model_flops_per_token(self, vocab: int) -> int:
+        """Training FLOPs per token of the model, for MFU: 6 × the multiply-adds' weights a token meets (QKV,
+        projection, the MLP — the top-k experts' with experts — and the LM head) + 12 · layers · hidden · seq
+        for the attention scores and their weighted sum (counted whole, as PaLM's appendix B counts them)."""
+        h, f = self.hidden, self.ffn
+        mlp = 2 * h * f * (self.topk if self.experts else 1)
+        weights = self.layers * (4 * h * h + mlp) + vocab * h
+        return 6 * weights + 12 * self.layers * h * self.seq_length
+
 
 FIELDS = tuple(f.name for f in fields(Config))
 

@@ -2,9 +2,10 @@
 
 Reads every ``<arm>-s<seed>/metrics.jsonl`` (finished or not) and ``done.json`` of a run folder:
 final validation loss mean ± sample standard deviation over seeds, gap to BF16 (paired by seed
-when BF16 ran the same seeds), tokens/s and peak memory; the plot shows the smoothed train curves
-and the validation points of every arm (mean over seeds) and, on the lower axis, each arm's gap
-to BF16.
+when BF16 ran the same seeds), tokens/s, MFU (tokens/s × `presets.Config.model_flops_per_token` over
+the GPUs' BF16 peak, `metrics.PEAK_BF16_FLOPS`; "—" elsewhere) and peak memory; the plot shows the
+smoothed train curves and the validation points of every arm (mean over seeds) and, on the lower
+axis, each arm's gap to BF16.
 """
 from __future__ import annotations
 
@@ -76,13 +77,14 @@ def aggregate(out: str) -> List[dict]:
                 gap_m, gap_sd = _mean_sd(paired)
         train_m, _ = _mean_sd([r["done"].get("final_train_loss") for r in seeds.values() if r["done"]])
         tps, _ = _mean_sd([r["done"].get("tokens_per_s") for r in seeds.values() if r["done"]])
+        mfu, _ = _mean_sd([r["done"].get("mfu") for r in seeds.values() if r["done"]])
         mems = [r["done"].get("peak_memory_mb") for r in seeds.values() if r["done"]]
         progress = {s: (r["train"][-1]["step"] + 1 if r["train"] else 0) for s, r in seeds.items()}
         any_done = next((r["done"] for r in seeds.values() if r["done"]), None)
         rows.append({
             "arm": arm, "seeds": sorted(seeds), "seeds_done": sorted(done), "final_val_mean": m, "final_val_sd": sd,
             "gap_to_bf16_mean": gap_m, "gap_to_bf16_sd": gap_sd, "final_train_mean": train_m,
-            "tokens_per_s": tps, "peak_memory_mb": max(mems) if mems else None,
+            "tokens_per_s": tps, "mfu": mfu, "peak_memory_mb": max(mems) if mems else None,
             "memory_kind": any_done.get("memory_kind") if any_done else None,
             "steps_done": progress,
         })
@@ -90,8 +92,8 @@ def aggregate(out: str) -> List[dict]:
 
 
 def table(rows: List[dict], steps: Optional[int] = None) -> str:
-    lines = ["| arm | seeds | final val loss | Δ val vs bf16 | final train loss | tokens/s | peak mem (MiB) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| arm | seeds | final val loss | Δ val vs bf16 | final train loss | tokens/s | MFU | peak mem (MiB) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         seeds = ",".join(map(str, r["seeds_done"])) or "—"
         if len(r["seeds_done"]) < len(r["seeds"]):
@@ -103,8 +105,9 @@ def table(rows: List[dict], steps: Optional[int] = None) -> str:
             gap = "+" + gap
         tps = "—" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}"
         mem = "—" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:,.0f}"
+        mfu = "—" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
         lines.append(f"| {r['arm']} | {seeds} | {_fmt(r['final_val_mean'], r['final_val_sd'])} | {gap} | "
-                     f"{_fmt(r['final_train_mean'], None)} | {tps} | {mem} |")
+                     f"{_fmt(r['final_train_mean'], None)} | {tps} | {mfu} | {mem} |")
     return "\n".join(lines)
 
 

@@ -188,3 +188,22 @@ def test_mxfp4_report_errors_in_one_line(tmp_path, capsys):
     _diagnosed_run(tmp_path, "mxfp4-sr-s1", [3.0])
     assert report_main([str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
     assert "holds 2 runs" in capsys.readouterr().err
+
+
+def test_model_flops_and_mfu_column():
+    from megatron_mxfp4.train.metrics import peak_flops
+    from megatron_mxfp4.train.presets import PRESETS
+    from megatron_mxfp4.train.report import table
+
+    cfg = PRESETS["tiny"]  # 2 layers, hidden 128, ffn 512, seq 128
+    weights = 2 * (4 * 128 * 128 + 2 * 128 * 512) + 1000 * 128
+    assert cfg.model_flops_per_token(1000) == 6 * weights + 12 * 2 * 128 * 128
+    moe = cfg.override(experts=8, topk=2)
+    assert moe.model_flops_per_token(1000) - cfg.model_flops_per_token(1000) == 6 * 2 * 2 * 128 * 512  # top-2 MLPs
+    assert peak_flops("NVIDIA H200", "bfloat16") == 989.4e12 and peak_flops("NVIDIA H200", "float32") is None
+    assert peak_flops("cpu (2 cores)", "bfloat16") is None
+    row = dict(arm="bf16", seeds=[1], seeds_done=[1], final_val_mean=3.0, final_val_sd=None, gap_to_bf16_mean=None,
+               gap_to_bf16_sd=None, final_train_mean=3.1, tokens_per_s=1000.0, mfu=0.4123, peak_memory_mb=10.0,
+               steps_done={1: 5})
+    text = table([row, dict(row, arm="mxfp4", mfu=None)])
+    assert "| MFU |" in text.splitlines()[0] and "| 41.2% |" in text and "| 1,000 | — |" in text
