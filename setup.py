@@ -54,7 +54,7 @@ setup(
         "console_scripts": [
             "mxfp4-report=megatron_mxfp4.report:main",
             "mxfp4-train=megatron_mxfp4.train.cli:main",
-            "mxfp4-preprocess=megatron_mxfp4.data.preprocess:main",
+            "mxfp4-preprocess=megatron_mxfp4.data.preprocess:cli",
         ],
     },
     ext_modules=ext_modules,

@@ -63,5 +63,11 @@ def main(argv=None):
     return meta
 
 
+def cli(argv=None) -> int:
+    """The console script: `main`, exit status 0 (its metadata is in PREFIX.meta.json)."""
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    cli()
