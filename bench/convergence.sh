@@ -6,7 +6,8 @@
 #
 #   bash bench/convergence.sh [LIMIT_SECONDS]        (default 540)
 #
-# Environment: ARMS, SEEDS, PRESET (small), DATA (.study/wiki), RUN (runs/convergence), IMPL (local),
+# Environment: ARMS, SEEDS, PRESET (small), DATA (.study/wiki; empty: the preset's built-in corpus, tokenized
+# into $RUN/data once, e.g. PRESET=study DATA= reads the GPU machine's own site-packages), RUN (runs/convergence), IMPL (local),
 # EXTRA (more mxfp4-train flags, e.g. "--steps 400"), PER_GPU (processes per GPU, default 1: a small
 # model's MXFP4 arms leave a GPU idle while the host launches kernels, so two processes share it well).
 # Carried wheels in .whl/ are installed first.
@@ -18,7 +19,7 @@ PY=${PYTHON:-python3}
 ARMS=${ARMS:-bf16,mxfp4,mxfp4-sr,mxfp4-rht,mxfp4-rht-sr,mxfp4-dethad,mxfp4-rht-sr-fp8fwd,te-fp8}
 SEEDS=${SEEDS:-1,2}
 PRESET=${PRESET:-small}
-DATA=${DATA:-.study/wiki}
+DATA=${DATA-.study/wiki}
 RUN=${RUN:-runs/convergence}
 IMPL=${IMPL:-local}
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
@@ -44,7 +45,7 @@ NPROC=$((NGPU * ${PER_GPU:-1}))
 echo "== training on $NGPU GPU(s), $NPROC process(es), at most $left s: arms $ARMS, seeds $SEEDS, preset $PRESET"
 pids=()
 for i in $(seq 0 $((NPROC - 1))); do
-  CUDA_VISIBLE_DEVICES=$((i % NGPU)) $PY -m megatron_mxfp4.train --preset "$PRESET" --data-path "$DATA" --arms "$ARMS" \
+  CUDA_VISIBLE_DEVICES=$((i % NGPU)) $PY -m megatron_mxfp4.train --preset "$PRESET" ${DATA:+--data-path "$DATA"} --arms "$ARMS" \
     --seeds "$SEEDS" --out "$RUN" --shard "$i/$NPROC" --transformer-impl "$IMPL" --time-limit "$left" \
     --no-progress ${EXTRA:-} > "$RUN/gpu$i.log" 2>&1 &
   pids+=($!)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import site
 import sysconfig
 from dataclasses import dataclass, field
@@ -197,6 +198,13 @@ class SplitCorpus:
     def split(self) -> str:
         """The ``--split`` weights that select exactly these documents (counts as weights)."""
         return f"{self.n_train},{len(self.docs) - self.n_train},0"
+
+    def shuffled(self, seed: int) -> "SplitCorpus":
+        """The documents shuffled on each side of the split (seed for train, seed + 1 for validation)."""
+        train, valid = self.docs[:self.n_train], self.docs[self.n_train:]
+        random.Random(seed).shuffle(train)
+        random.Random(seed + 1).shuffle(valid)
+        return SplitCorpus(train + valid, self.n_train, self.manifest)
 
 
 def site_roots() -> List[str]:

@@ -111,19 +111,25 @@ def tokenizer_info(prefix: str, tokenizer=None) -> TokenizerInfo:
 def prepare_builtin(corpus: str, cache_dir: str, tokenizer_path: str = "", shuffle_seed: int = 0) -> str:
     """Tokenize a built-in corpus once into `cache_dir` (locked, reused when present); returns the
     prefix. Documents are shuffled with a fixed seed so that the validation split (the last
-    documents) samples the whole corpus."""
-    from .corpus import load_corpus
+    documents) samples the whole corpus; a corpus split by package ("site-packages") is shuffled on each
+    side of its split, which its metadata records."""
+    from .corpus import load_corpus, site_packages_corpus
     from .tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_path)
-    docs = load_corpus(corpus)
-    order = list(range(len(docs)))
-    random.Random(shuffle_seed).shuffle(order)
-    docs = [docs[i] for i in order]
+    extra = None
+    if corpus == "site-packages":
+        split = site_packages_corpus().shuffled(shuffle_seed)
+        docs, extra = split.docs, {"split": split.split, "manifest": split.manifest}
+    else:
+        docs = load_corpus(corpus)
+        order = list(range(len(docs)))
+        random.Random(shuffle_seed).shuffle(order)
+        docs = [docs[i] for i in order]
     prefix = os.path.join(cache_dir, f"{corpus}-{fingerprint(docs)}-{tok.sha256}")
     with file_lock(os.path.join(cache_dir, ".lock")):
         if not (os.path.exists(prefix + ".idx") and os.path.exists(meta_path(prefix))):
-            write_indexed_dataset(docs, tok, prefix, source=f"built-in corpus {corpus!r}")
+            write_indexed_dataset(docs, tok, prefix, source=f"built-in corpus {corpus!r}", extra=extra)
     return prefix
 
 

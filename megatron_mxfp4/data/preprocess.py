@@ -42,11 +42,9 @@ def main(argv=None):
     extra = None
     if args.corpus == "site-packages":
         corpus = site_packages_corpus()
-        train, valid = corpus.docs[:corpus.n_train], corpus.docs[corpus.n_train:]
         if args.shuffle_seed is not None:
-            random.Random(args.shuffle_seed).shuffle(train)
-            random.Random(args.shuffle_seed + 1).shuffle(valid)
-        docs, source = train + valid, "built-in corpus 'site-packages' (this environment's source files)"
+            corpus = corpus.shuffled(args.shuffle_seed)
+        docs, source = corpus.docs, "built-in corpus 'site-packages' (this environment's source files)"
         extra = {"split": corpus.split, "manifest": corpus.manifest}
     elif args.corpus:
         docs, source = load_corpus(args.corpus), f"built-in corpus {args.corpus!r}"

@@ -284,7 +284,8 @@ def run(args, cfg, arms, seeds, shard, out, argv) -> int:
             check_model(cfg, arm.with_seed(seeds[0], args.mxfp4_backend), dist, dtype, vocab_size)
     is_main = dist.rank == 0
     log = print if is_main else (lambda *a, **k: None)
-    data_prefix, data_meta = _prepare_data(args, cfg, out, dist)
+    data_prefix, data_meta, split = _prepare_data(args, cfg, out, dist)
+    cfg = cfg.override(split=split)  # a corpus split by package (its metadata) says where validation starts
     from ..data.indexed import build_gpt_datasets, tokenizer_info
     from .loop import TimeLimitReached, check_data, train_arm
 
@@ -372,8 +373,9 @@ def _tokenizer_if_given(args):
 
 
 def _prepare_data(args, cfg, out, dist):
-    """(indexed-dataset prefix, its metadata): a user dataset, or the preset's built-in corpus
-    tokenized once into OUT/data."""
+    """(indexed-dataset prefix, its metadata, the split to use): a user dataset, or the preset's built-in
+    corpus tokenized once into OUT/data; the split is the dataset's own (a corpus split by package) unless
+    --split was given."""
     import torch
 
     from ..data.indexed import dataset_summary, prepare_builtin, read_meta, split_weights
@@ -395,7 +397,8 @@ def _prepare_data(args, cfg, out, dist):
     tok = meta.get("tokenizer", {})
     meta["tokenizer"] = f"{tok.get('name', '?')} (vocab {tok.get('vocab_size', '?')}, sha256 {tok.get('sha256', '?')})" \
         if isinstance(tok, dict) else tok
-    parts = split_weights(cfg.split)
+    split = meta["split"] if args.split is None and meta.get("split") else cfg.split
+    parts = split_weights(split)
     if meta.get("tokens"):
         meta["train_tokens"] = int(meta["tokens"] * parts[0] / sum(parts))
-    return prefix, meta
+    return prefix, meta, split

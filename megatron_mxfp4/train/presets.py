@@ -79,6 +79,14 @@ PRESETS = {
                        steps=5000, global_batch=64, micro_batch=8, lr=1.5e-4, min_lr=1e-5, warmup=50,
                        weight_decay=0.01, clip_grad=1.0, beta2=0.999, corpus="wiki", split="95,5,0",
                        eval_interval=250, eval_samples=64, save_interval=500, log_interval=10),
+    # GPU: the second study (docs/convergence.md): ~123M parameters (12 x 896, 14 heads of 64) on the
+    # site-packages corpus, split by package, 1100 steps x 96 sequences of 1024 = 108M tokens read once
+    # (the corpus must hold that many train tokens: mxfp4-preprocess reports its count); no dropout, so that
+    # the arms see identical activations
+    "study": Config(layers=12, hidden=896, heads=14, ffn=3584, seq_length=1024, dropout=0.0, init_std=0.02,
+                    steps=1100, global_batch=96, micro_batch=16, lr=6e-4, min_lr=6e-5, warmup=100,
+                    weight_decay=0.1, clip_grad=1.0, beta2=0.95, corpus="site-packages", split="99,1,0",
+                    eval_interval=50, eval_samples=256, save_interval=100, log_interval=10),
 }
 # MoE: the dense presets with 8 experts, top-2, each expert as wide as the dense MLP divided by 4
 PRESETS["tiny-moe"] = replace(PRESETS["tiny"], ffn=128, experts=8, topk=2)  # CPU, minutes

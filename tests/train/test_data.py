@@ -206,3 +206,28 @@ def test_site_packages_dataset_carries_its_split_to_mxfp4_train(tmp_path, monkey
     assert cfg.split == meta["split"]
     cfg = resolve_config(build_parser().parse_args(["--data-path", prefix, "--split", "9,1,0"]))
     assert cfg.split == "9,1,0"  # the command line wins
+
+
+def test_builtin_site_packages_keeps_its_package_split(tmp_path, monkeypatch):
+    """A preset whose corpus is site-packages (tokenized into the run folder) trains on the corpus's own split
+    unless --split is given."""
+    from types import SimpleNamespace
+
+    from megatron_mxfp4.data.indexed import prepare_builtin, read_meta
+    from megatron_mxfp4.train.cli import _prepare_data
+    from megatron_mxfp4.train.presets import PRESETS
+
+    roots = _fake_environment(tmp_path)
+    monkeypatch.setattr(corpus, "site_roots", lambda: roots)
+    want = corpus.site_packages_corpus(roots)
+    prefix = prepare_builtin("site-packages", str(tmp_path / "cache"))
+    meta = read_meta(prefix)
+    assert meta["split"] == want.split and meta["manifest"]["content_fingerprint"] == want.manifest["content_fingerprint"]
+    cfg = PRESETS["study"].override(corpus="site-packages")
+    dist = SimpleNamespace(rank=0)
+    args = SimpleNamespace(data_path=None, tokenizer="", split=None)
+    _, _, split = _prepare_data(args, cfg, str(tmp_path / "run"), dist)
+    assert split == want.split != cfg.split
+    _, _, split = _prepare_data(SimpleNamespace(data_path=None, tokenizer="", split="9,1,0"), cfg.override(split="9,1,0"),
+                                str(tmp_path / "run"), dist)
+    assert split == "9,1,0"
