@@ -17,6 +17,9 @@ TFLOP/s count the layer's model FLOPs: linears 2·T·(4h² + 2·h·ffn) and caus
 forward, ×3 for forward + backward (Megatron's convention).
 
     python bench/layer.py [--model 6.7b] [--seq 2048] [--micro-batch 4] [--arms PATTERNS]
+    python bench/layer.py --model 1.3b --experts 8 --topk 2 --part mlp --kernels
+                          (the MoE block alone: 8 experts of width ffn / 4, top-2; kernels per step and the
+                           quantizers' share of the GPU time)
     python bench/layer.py --device cpu --tiny      smoke run of every arm's code path (reference backends)
     python bench/layer.py --dry-run
 
@@ -28,6 +31,7 @@ import argparse
 import dataclasses
 import os
 import sys
+from typing import Optional
 
 import torch
 
@@ -38,9 +42,13 @@ MODELS = {"1.3b": dict(hidden=2048, heads=16, ffn=8192), "6.7b": dict(hidden=409
 TINY = dict(hidden=256, heads=4, ffn=512, seq=64, micro_batch=4)  # 256: RHT g=256 divides every reduction
 
 
-def layer_flops(hidden: int, ffn: int, seq: int, tokens: int, tp: int) -> float:
-    """Forward model FLOPs of one layer on one TP rank (causal attention counted once)."""
-    linear = 2.0 * tokens * (4 * hidden * hidden + 2 * hidden * ffn)
+def layer_flops(hidden: int, ffn: int, seq: int, tokens: int, tp: int, topk: int = 1, part: str = "layer") -> float:
+    """Forward model FLOPs of one layer (or its MLP, `part` "mlp") on one TP rank (causal attention counted
+    once; an MoE MLP counts the `topk` experts each token meets, `ffn` being one expert's width)."""
+    mlp = 2.0 * tokens * 2 * hidden * ffn * topk
+    if part == "mlp":
+        return mlp / tp
+    linear = 2.0 * tokens * 4 * hidden * hidden + mlp
     attention = 2.0 * tokens * seq * hidden
     return (linear + attention) / tp
 
@@ -62,27 +70,36 @@ def transformer_config(shape: dict, tp: int, device: torch.device, dropout: floa
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     gpu = device.type == "cuda"
-    return TransformerConfig(
+    moe = {}
+    if shape.get("experts"):  # the allgather dispatcher runs anywhere; expert MLPs without biases (as mxfp4-train)
+        moe = dict(num_moe_experts=shape["experts"], moe_router_topk=shape["topk"],
+                   moe_token_dispatcher_type="allgather", add_bias_linear=False)
+    return TransformerConfig(**{**dict(
         num_layers=1, hidden_size=shape["hidden"], num_attention_heads=shape["heads"], ffn_hidden_size=shape["ffn"],
         tensor_model_parallel_size=tp, sequence_parallel=False, params_dtype=torch.bfloat16, bf16=True,
         use_cpu_initialization=not gpu, perform_initialization=True, gradient_accumulation_fusion=False,
         hidden_dropout=dropout, attention_dropout=dropout, add_bias_linear=True,
-        bias_activation_fusion=gpu, bias_dropout_fusion=gpu, masked_softmax_fusion=False, apply_rope_fusion=False,
-        persist_layer_norm=False)
+        bias_activation_fusion=gpu and not moe, bias_dropout_fusion=gpu, masked_softmax_fusion=False,
+        apply_rope_fusion=False, persist_layer_norm=False), **moe})
 
 
-def build(arm: C.Arm, config, device: torch.device):
+def build(arm: C.Arm, config, device: torch.device, part: str = "layer"):
     from megatron.core.models.gpt import gpt_layer_specs as specs
     from megatron.core.transformer.spec_utils import build_module
 
     te_base = base_of(arm) == "te"
+    experts = config.num_moe_experts
     if arm.family == "ours":
         import megatron_mxfp4.megatron as mm
 
-        spec = mm.get_gpt_layer_spec(arm.recipe, transformer_engine=te_base)
+        spec = mm.get_gpt_layer_spec(arm.recipe, transformer_engine=te_base, num_experts=experts)
+    elif te_base:
+        spec = specs.get_gpt_layer_with_transformer_engine_spec(num_experts=experts)
     else:
-        spec = specs.get_gpt_layer_with_transformer_engine_spec() if te_base else specs.get_gpt_layer_local_spec()
+        spec = specs.get_gpt_layer_local_spec(num_experts=experts)
     layer = build_module(spec, config=config, layer_number=1)
+    if part == "mlp":  # the MLP (an MoE block with experts) alone, as its layer configured it (expert indices)
+        layer = layer.mlp
     # As Megatron's Float16Module does for a model: every floating parameter in BF16 (without apex, the
     # local spec's LayerNorm is torch's, created in float32, which CUDA's layer_norm rejects beside BF16 input).
     return layer.to(device=device, dtype=torch.bfloat16)
@@ -90,7 +107,7 @@ def build(arm: C.Arm, config, device: torch.device):
 
 def bench_arm(arm: C.Arm, shape: dict, args, device, tp: int, flush) -> dict:
     config = transformer_config(shape, tp, device, args.dropout)
-    layer = build(arm, config, device)
+    layer = build(arm, config, device, args.part)
     layer.train()
     params = [p for p in layer.parameters() if p.requires_grad]
     s, b, h = shape["seq"], shape["micro_batch"], shape["hidden"]
@@ -109,7 +126,7 @@ def bench_arm(arm: C.Arm, shape: dict, args, device, tp: int, flush) -> dict:
 
     def fwd(x):
         with ctx():
-            out, _ = layer(x, attention_mask=mask)
+            out, _ = layer(x) if args.part == "mlp" else layer(x, attention_mask=mask)
         return out
 
     def clear(x):
@@ -135,14 +152,38 @@ def bench_arm(arm: C.Arm, shape: dict, args, device, tp: int, flush) -> dict:
     t_bwd = C.measure(lambda st: st[0].backward(st[1]), device, setup=bwd_setup, **kw)
     t_fb = C.measure(fb_run, device, setup=fb_setup, **kw)
     peak = C.peak_memory(lambda: fb_run(fb_setup(0)), device)
-    f = layer_flops(h, shape["ffn"], s, s * b, tp)
+    kernels = kernel_census(lambda: fb_run(fb_setup(0)), device) if args.kernels else None
+    f = layer_flops(h, shape["ffn"], s, s * b, tp, shape.get("topk", 1) if shape.get("experts") else 1, args.part)
     row = dict(arm=arm.name, base_spec=base_of(arm), layer_class=type(layer).__name__,
                fwd=t_fwd.as_dict(), bwd=t_bwd.as_dict(), fwd_bwd=t_fb.as_dict(),
                tflops_fwd_bwd=3 * f / (t_fb.median * 1e-3) / 1e12, tokens_per_s=s * b / (t_fb.median * 1e-3),
-               peak_mib=None if peak is None else round(peak, 1),
+               peak_mib=None if peak is None else round(peak, 1), kernels=kernels,
                mxfp4_linears=sum(1 for m in layer.modules() if getattr(m, "recipe", None) is not None
                                  and type(m).__name__.startswith("MXFP4")))
     return row
+
+
+#: kernel-name fragments of the MXFP4 quantizers (csrc/mxfp4_quantize_kernel.cuh) and of the E4M3-tile layout
+QUANTIZER_KERNELS = ("quantize_kernel", "to_e4m3_tiles_kernel", "mask_flagged_kernel")
+
+
+def kernel_census(step, device, repeats: int = 3) -> Optional[dict]:
+    """CUDA kernels per `step` and the share of their GPU time spent in the quantizers (torch.profiler)."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            step()
+        torch.cuda.synchronize(device)
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+              and not e.name.startswith(("Memcpy", "Memset"))]
+    total = sum(e.device_time for e in events) or 1.0
+    quant = sum(e.device_time for e in events if any(k in e.name for k in QUANTIZER_KERNELS))
+    return dict(per_step=len(events) / repeats, quantizer_share=quant / total)
 
 
 def add_ratios(rows) -> None:
@@ -167,7 +208,8 @@ def markdown(result: dict, arms) -> str:
              f"{'on' if result['flush_l2'] else 'off'}.", "",
              f"Layer: hidden {shape['hidden']}, {shape['heads']} heads, ffn {shape['ffn']}, seq {shape['seq']} × "
              f"micro-batch {shape['micro_batch']} (T = {shape['seq'] * shape['micro_batch']}), dropout {result['dropout']}, "
-             "BF16.", ""]
+             "BF16" + (f"; MoE: {shape['experts']} experts of width {shape['ffn']}, top-{shape['topk']}"
+                       if shape.get("experts") else "") + f"; timed: {result.get('part', 'layer')}.", ""]
     for note in result.get("notes", []):
         lines.append(f"> {note}  ")
     lines += ["", "Medians in ms; `× BF16` = time ÷ the BF16 arm of the same base spec (column `BF16 ref`); "
@@ -176,14 +218,17 @@ def markdown(result: dict, arms) -> str:
     table = []
     for r in result["rows"]:
         if "error" in r:
-            table.append([r["arm"], "", f"error: {r['error'][:80]}"] + [""] * 9)
+            table.append([r["arm"], "", f"error: {r['error'][:80]}"] + [""] * 11)
             continue
         xb, xf = r.get("x_bf16") or {}, r.get("x_te_fp8") or {}
         table.append([r["arm"], r["base_spec"], C.fmt(r["fwd"]["ms"]), C.fmt(r["bwd"]["ms"]), C.fmt(r["fwd_bwd"]["ms"]),
                       C.fmt(r["tflops_fwd_bwd"]), C.fmt(r["tokens_per_s"]), r["bf16_reference"],
-                      C.fmt(xb.get("fwd_bwd")), C.fmt(xb.get("bwd")), C.fmt(xf.get("fwd_bwd")), C.fmt(r["peak_mib"])])
+                      C.fmt(xb.get("fwd_bwd")), C.fmt(xb.get("bwd")), C.fmt(xf.get("fwd_bwd")), C.fmt(r["peak_mib"]),
+                      C.fmt((r.get("kernels") or {}).get("per_step")),
+                      C.fmt((r.get("kernels") or {}).get("quantizer_share"))])
     lines.append(C.markdown_table(["arm", "base spec", "fwd ms", "bwd ms", "fwd+bwd ms", "TFLOP/s", "tokens/s",
-                                   "BF16 ref", "fwd+bwd × BF16", "bwd × BF16", "fwd+bwd × TE FP8", "peak MiB"], table))
+                                   "BF16 ref", "fwd+bwd × BF16", "bwd × BF16", "fwd+bwd × TE FP8", "peak MiB",
+                                   "kernels / step", "quantizer share"], table))
     lines += ["", "## Arms", "", C.arms_table(arms)]
     return "\n".join(lines) + "\n"
 
@@ -196,6 +241,10 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--experts", type=int, default=0, help="MoE: routed experts per layer (0 = a dense MLP)")
+    ap.add_argument("--topk", type=int, default=2, help="MoE: experts per token")
+    ap.add_argument("--part", choices=("layer", "mlp"), default="layer", help="the whole layer, or its MLP alone")
+    ap.add_argument("--kernels", action="store_true", help="also count kernels per step and the quantizers' share")
     ap.add_argument("--arms", default="all", help="comma-separated name patterns (suffix @te: ours on the TE spec)")
     ap.add_argument("--gs", default="0,64,256")
     ap.add_argument("--roundings", default="sr,rtn")
@@ -222,6 +271,10 @@ def main(argv=None):
         if args.model not in MODELS:
             raise SystemExit(f"--model {args.model!r}: choose one of {sorted(MODELS)} (or --tiny)")
         shape = dict(MODELS[args.model], seq=args.seq, micro_batch=args.micro_batch)
+    if args.experts < 0 or args.topk < 1 or (args.experts and args.topk > args.experts):
+        raise SystemExit(f"--experts {args.experts} --topk {args.topk}: need experts >= topk >= 1 (or --experts 0)")
+    if args.experts:  # each expert a quarter of the dense MLP's width (as mxfp4-train's MoE presets)
+        shape.update(experts=args.experts, topk=args.topk, ffn=shape["ffn"] // 4)
     args.warmup = 5 if args.warmup is None else args.warmup
     args.iters = 20 if args.iters is None else args.iters
     backend = "reference" if device.type == "cpu" and args.backend == "auto" else args.backend
@@ -258,7 +311,7 @@ def main(argv=None):
 
     def result_now(partial: bool) -> dict:
         add_ratios(rows)
-        return dict(command=C.command_line(), device_info=info, tp=tp, shape=shape, model=model,
+        return dict(command=C.command_line(), device_info=info, tp=tp, shape=shape, model=model, part=args.part,
                     dropout=args.dropout, warmup=args.warmup, iters=args.iters, flush_l2=not args.no_flush,
                     notes=notes + (["partial: the run stopped before every arm was measured"] if partial else []),
                     arms=[a.describe() for a in arms], rows=rows)

@@ -152,6 +152,20 @@ def test_linear_tiny_every_arm(tmp_path):
 
 
 @pytest.mark.skipif(not _megatron(), reason="megatron-core is not installed")
+def test_layer_moe_block_alone(tmp_path):
+    """--experts/--part mlp: the MoE block of the layer, its routed experts' linears MXFP4 in our arms."""
+    stem = str(tmp_path / "moe")
+    _ok(_run("layer.py", "--device", "cpu", "--tiny", "--strict", "--experts", "4", "--topk", "2", "--part", "mlp",
+             "--arms", "bf16_mcore,ours_bf16_mxfp4_g64_sr", "--out", stem))
+    rows = {r["arm"]: r for r in json.load(open(stem + ".json"))["rows"]}
+    assert rows["bf16_mcore"]["layer_class"] == "MoELayer" and rows["bf16_mcore"]["mxfp4_linears"] == 0
+    assert rows["ours_bf16_mxfp4_g64_sr"]["mxfp4_linears"] == 8  # 4 experts x (FC1, FC2)
+    assert "MoE: 4 experts" in open(stem + ".md").read()
+    p = _run("layer.py", "--device", "cpu", "--tiny", "--experts", "2", "--topk", "3", "--out", stem)
+    assert p.returncode != 0 and "--topk 3" in p.stderr
+
+
+@pytest.mark.skipif(not _megatron(), reason="megatron-core is not installed")
 def test_layer_tiny_every_arm(tmp_path):
     stem = str(tmp_path / "layer")
     _ok(_run("layer.py", "--device", "cpu", "--tiny", "--strict", "--out", stem))
