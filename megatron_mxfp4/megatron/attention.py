@@ -6,7 +6,8 @@ H200. `SDPAttention` keeps its interface, parameters (none) and state dict, and 
 `torch.nn.functional.scaled_dot_product_attention`, which picks a fused kernel (flash or memory-efficient
 attention on GPUs). The mathematics is the same: scale 1/sqrt(head dim) (the query-key layer scaling of
 `apply_query_key_layer_scaling` cancels in Megatron as well), the causal mask of a causal layer (and Megatron's
-`attention_mask` when one is passed: True = masked), dropout on the attention probabilities drawn inside the
+`attention_mask` when one is passed: True = masked; pass none for plain causal attention, so that PyTorch can
+choose its flash kernel, which an explicit mask rules out), dropout on the attention probabilities drawn inside the
 model-parallel RNG tracker as Megatron draws it. The rounding differs (the softmax is computed blockwise), and
 the dropout pattern is the fused kernel's own. Context parallelism, packed sequences, attention bias, sliding
 windows and softmax offsets stay with Transformer Engine's spec, as in megatron-core's local attention.

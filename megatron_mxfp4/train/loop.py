@@ -62,9 +62,12 @@ def _micro_batches(dataset, step: int, cfg, dist):
         yield sample_batch(dataset, base + i, cfg.micro_batch)
 
 
-def _forward_loss(model, batch):
-    """(sum of token losses, number of loss tokens) of one micro batch."""
-    losses = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
+def _forward_loss(model, batch, causal_only: bool = False):
+    """(sum of token losses, number of loss tokens) of one micro batch. `causal_only`: pass no attention mask
+    (the batches' masks are plain causal ones: the fused attention of "local_sdpa" then takes its causal flag
+    and its flash kernels, which an explicit mask would rule out)."""
+    attention_mask = None if causal_only else batch["attention_mask"]
+    losses = model(batch["tokens"], batch["position_ids"], attention_mask, labels=batch["labels"])
     mask = batch["loss_mask"].to(losses.dtype)
     return (losses.float() * mask).sum(), mask.sum()
 
@@ -97,7 +100,7 @@ def check_data(cfg, dist, data) -> None:
                          f"hold at least --micro-batch × data-parallel size = {dist.dp * cfg.micro_batch} samples")
 
 
-def evaluate(model, valid, cfg, dist) -> float:
+def evaluate(model, valid, cfg, dist, causal_only: bool = False) -> float:
     """Token-weighted mean loss over the first validation samples (the same ones every time)."""
     from ..data.indexed import sample_batch
 
@@ -107,7 +110,7 @@ def evaluate(model, valid, cfg, dist) -> float:
     tot = torch.zeros(2, dtype=torch.float64, device=dist.device)
     with torch.no_grad():
         for start in range(dist.dp_rank * cfg.micro_batch, n, per):
-            s, c = _forward_loss(model, _to(sample_batch(valid, start, cfg.micro_batch), dist.device))
+            s, c = _forward_loss(model, _to(sample_batch(valid, start, cfg.micro_batch), dist.device), causal_only)
             tot[0] += s.double()
             tot[1] += c.double()
     model.train()
@@ -187,7 +190,7 @@ def train_arm(arm, seed: int, cfg, dist, run_dir: str, data, *, dtype, impl: str
             for i, batch in enumerate(_micro_batches(train_ds, step, cfg, dist)):
                 if monitor is not None:
                     monitor.micro_batch(i)
-                s, c = _forward_loss(model, _to(batch, dist.device))
+                s, c = _forward_loss(model, _to(batch, dist.device), impl == "local_sdpa")
                 (s / c / n_micro).backward()
                 tot[0] += s.detach().double()
                 tot[1] += c.detach().double()
@@ -212,7 +215,7 @@ def train_arm(arm, seed: int, cfg, dist, run_dir: str, data, *, dtype, impl: str
                 log(f"  {arm.name} s{seed} step {step:5d}  loss {loss:.4f}  lr {lr:.2e}  {tokens_per_step / dt:,.0f} tok/s")
             last = step == cfg.steps - 1
             if (step + 1) % cfg.eval_interval == 0 or last:
-                last_val = evaluate(model, valid_ds, cfg, dist)
+                last_val = evaluate(model, valid_ds, cfg, dist, impl == "local_sdpa")
                 writer.write({"kind": "valid", "step": step, "loss": last_val, "tokens": (step + 1) * tokens_per_step})
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss:.3f}", val=f"{last_val:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}")
