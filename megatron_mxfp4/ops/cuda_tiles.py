@@ -31,7 +31,7 @@ def _call(dev: torch.device, fn, *args) -> None:
     launch_on(dev, fn, *args, current_stream_handle(dev))
 
 
-def _packed(t: MXFP4Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def packed_operand(t: MXFP4Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """t's codes with 8-byte aligned unit-stride rows, and its scales with unit-stride rows."""
     data = t.data
     if data.stride(1) != 1 or data.stride(0) % 8 or data.data_ptr() % 8:
@@ -54,7 +54,7 @@ def to_e4m3_tiles(t: MXFP4Tensor, mult: float = 1.0, flags: Optional[torch.Tenso
     ro = R if rows_out is None else max(int(rows_out), R)
     nt = -(-K // TILE)
     dev = t.data.device
-    data, scales = _packed(t)
+    data, scales = packed_operand(t)
     codes = torch.empty((ro, nt * TILE), dtype=torch.float8_e4m3fn, device=dev)
     tile_scales = torch.empty((nt, ro), dtype=torch.float32, device=dev)
     if flags is None:

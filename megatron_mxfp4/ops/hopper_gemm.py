@@ -217,8 +217,8 @@ def _native_gemm(a: MXFP4Tensor, b: MXFP4Tensor, out_dtype, alpha: float, accumu
     """The `hopper` GEMM as one extension call; alpha = the final float32 factor."""
     M, N, K = a.shape[0], b.shape[0], a.padded_shape[1]
     dev = a.data.device
-    ad, asc = cuda_tiles._packed(a)
-    bd, bsc = cuda_tiles._packed(b)
+    ad, asc = cuda_tiles.packed_operand(a)
+    bd, bsc = cuda_tiles.packed_operand(b)
     acc = accumulate_into is not None
     c = accumulate_into if acc else torch.empty((M, N), dtype=out_dtype, device=dev)
     ctype = _OUT_TYPES[c.dtype]
