@@ -11,7 +11,10 @@ Methods (BF16 output unless noted; TFLOP/s = 2MNK / median time, `triton.testing
   fp8_1x128       F.scaled_mm, E4M3, 1×128 block scales on both operands (cuBLASLt)
   dot_scaled      our `triton` backend: tl.dot_scaled e2m1 (BF16 upcast on sm_90)
   hopper_gemm     our `hopper` backend's GEMM alone, operands already in the E4M3-tile layout
-  hopper          our `hopper` backend end to end from MXFP4Tensors (layout conversion + GEMM + slab-fix launch)
+  hopper          our `hopper` backend end to end from MXFP4Tensors (its default scaling, `hopper_gemm.SCALING`)
+  hopper_rows     the native call with one float32 scale per row (row conversion + cuBLASLt outer-vector FP8
+                  GEMM + row-fix launch)
+  hopper_tiles    the native call with 1×128 tile scales (tile conversions + mask + cuBLASLt 1×128 GEMM + slab fix)
   hopper_acc      as `hopper`, accumulating into an FP32 main_grad (wgrad rows only)
   exact_tiles     our exact Triton kernel (32-K promotion, folded tiles), layout precomputed
   exact_blocks    our exact Triton kernel (plain codes, scale per 32), layout precomputed
@@ -28,6 +31,8 @@ X [T, in], W [out, in] (what a backward pass costs around the GEMMs as well):
                   PyTorch ops, unfused) + two torch._scaled_mm; fp8_gemms: the two GEMMs alone
   mxfp4           the library's backward: dual RHT + SR quantize of dY, columnwise quantize of W and X,
                   two `hopper` GEMMs (`backward.quantize_grad_output`, `dgrad`, `wgrad`; default recipe)
+  mxfp4_rows      as `mxfp4` with the `hopper` GEMM's per-row scaling
+  mxfp4_tiles     as `mxfp4` with its 1×128 tile scaling
   mxfp4_quant     the three quantize launches of `mxfp4` alone (their share)
 """
 import argparse
@@ -44,8 +49,9 @@ from megatron_mxfp4.numerics.quantize import gemm_alpha, quantize_reference  # n
 from common import gpu_clocks, write_results  # noqa: E402  (bench/common.py)
 
 MODELS = {"1.3b": 2048, "6.7b": 4096}
-METHODS = ["bf16", "fp8_tensor", "fp8_row", "fp8_1x128", "dot_scaled", "hopper_gemm", "hopper", "hopper_acc",
-           "exact_tiles", "exact_blocks", "exact"]
+METHODS = ["bf16", "fp8_tensor", "fp8_row", "fp8_1x128", "dot_scaled", "hopper_gemm", "hopper", "hopper_rows",
+           "hopper_tiles",
+           "hopper_acc", "exact_tiles", "exact_blocks", "exact"]
 
 
 def gemm_shapes(models, tps, tokens):
@@ -111,7 +117,7 @@ def run_shape(s, methods, signs, seed):
     from torch.nn.functional import ScalingType
 
     from megatron_mxfp4.ops import triton_gemm as tg
-    from megatron_mxfp4.ops.hopper_gemm import exact_gemm, hopper_gemm, tile_operands
+    from megatron_mxfp4.ops.hopper_gemm import _native_gemm, exact_gemm, hopper_gemm, tile_operands
 
     M, N, K = s["M"], s["N"], s["K"]
     flop = 2.0 * M * N * K
@@ -140,6 +146,8 @@ def run_shape(s, methods, signs, seed):
         "hopper_gemm": lambda: F.scaled_mm(oa.codes, ob.codes.t(), oa.scales.t(), bw, ob.scales.t(), bw,
                                            output_dtype=torch.bfloat16),
         "hopper": lambda: hopper_gemm(qa, qb, torch.bfloat16),
+        "hopper_rows": lambda: _native_gemm(qa, qb, torch.bfloat16, al, None, scaling="rows"),
+        "hopper_tiles": lambda: _native_gemm(qa, qb, torch.bfloat16, al, None, scaling="tiles"),
         "hopper_acc": lambda: hopper_gemm(qa, qb, torch.float32, accumulate_into=main),
         "exact_tiles": lambda: tg.fp8_scaled_gemm(oa_e, ob_e, torch.bfloat16, al),
         "exact_blocks": lambda: tg.fp8_scaled_gemm(oa32, ob32, torch.bfloat16, al),
@@ -158,6 +166,8 @@ def run_shape(s, methods, signs, seed):
     ref = (qa.dequantize(unscaled=True) @ qb.dequantize(unscaled=True).t()).double() * al
     err = {}
     for name, fn in (("hopper", lambda: hopper_gemm(qa, qb)), ("exact", lambda: exact_gemm(qa, qb)),
+                     ("hopper_rows", lambda: _native_gemm(qa, qb, torch.float32, al, None, scaling="rows")),
+                     ("hopper_tiles", lambda: _native_gemm(qa, qb, torch.float32, al, None, scaling="tiles")),
                      ("dot_scaled", lambda: tg.dot_scaled_gemm(qa, qb))):
         if name in methods or name == "hopper":
             c = fn()
@@ -173,6 +183,7 @@ def backward_rows(models, tokens, log):
     from megatron_mxfp4 import MXFP4Recipe
     from megatron_mxfp4 import backward as bwd
     from megatron_mxfp4.numerics.fp8 import quantize_fp8
+    from megatron_mxfp4.ops import hopper_gemm as hg
 
     recipe = MXFP4Recipe()
     rows = []
@@ -203,6 +214,15 @@ def backward_rows(models, tokens, log):
                 return (bwd.dgrad(dy, w, recipe, key, qdy=qd, out_dtype=torch.bfloat16),
                         bwd.wgrad(dy, x, recipe, key, qdy=qw, out_dtype=torch.bfloat16))
 
+            def scaled(scaling):
+                def run():
+                    before, hg.SCALING = hg.SCALING, scaling
+                    try:
+                        return mxfp4()
+                    finally:
+                        hg.SCALING = before
+                return run
+
             (qd, sd), (qw, sw), (qx, sx) = quantize_fp8(dy), quantize_fp8(w), quantize_fp8(x)
             qwt, qdt, qxt = qw.t().contiguous().t(), qd.t().contiguous(), qx.t().contiguous().t()
 
@@ -211,7 +231,7 @@ def backward_rows(models, tokens, log):
                         torch._scaled_mm(qdt, qxt, sd, sx, out_dtype=torch.bfloat16))
 
             fns = {"bf16": lambda: (dy @ w, dy.t() @ x), "fp8_tensor": fp8, "fp8_gemms": fp8_gemms, "mxfp4": mxfp4,
-                   "mxfp4_quant": quant}
+                   "mxfp4_rows": scaled("rows"), "mxfp4_tiles": scaled("tiles"), "mxfp4_quant": quant}
             ms = {name: bench_ms(fn) for name, fn in fns.items()}
             flop = 2 * 2.0 * tokens * din * dout
             row = dict(model=model, layer=layer, T=tokens, din=din, dout=dout, ms=ms,
@@ -230,13 +250,18 @@ def backward_markdown(rows, cmd, dev, clocks) -> str:
           f"torch {torch.__version__}; SM clock / max / power after the run: {clocks}.", "",
           "Median ms (`triton.testing.do_bench`, L2 flushed) of dX = dY·W plus dW = dYᵀ·X per linear layer, "
           "quantizers included (see `bench/gemm.py --help`). Speed-up = BF16 time / time.", "",
+          "MXFP4 = the library's default; rows / tiles = the same backward with the `hopper` GEMM's per-row or "
+          "1×128-tile scaling.", "",
           "| model | layer | T, in → out | BF16 ms | FP8 tensorwise ms (GEMMs alone) | MXFP4 ms (quantize share) | "
-          "MXFP4 × BF16 | FP8 × BF16 (GEMMs alone) |", "|---|---|---|---|---|---|---|---|"]
+          "MXFP4 rows ms | MXFP4 tiles ms | MXFP4 × BF16 | rows × BF16 | tiles × BF16 | FP8 × BF16 (GEMMs alone) |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m = r["ms"]
         md.append(f"| {r['model']} | {r['layer']} | {r['T']}, {r['din']} → {r['dout']} | {m['bf16']:.3f} | "
                   f"{m['fp8_tensor']:.3f} ({m['fp8_gemms']:.3f}) | {m['mxfp4']:.3f} ({100 * r['quant_share']:.0f}%) | "
-                  f"{r['speedup_vs_bf16']['mxfp4']:.2f} | {r['speedup_vs_bf16']['fp8_tensor']:.2f} "
+                  f"{m['mxfp4_rows']:.3f} | {m['mxfp4_tiles']:.3f} | {r['speedup_vs_bf16']['mxfp4']:.2f} | "
+                  f"{r['speedup_vs_bf16']['mxfp4_rows']:.2f} | {r['speedup_vs_bf16']['mxfp4_tiles']:.2f} | "
+                  f"{r['speedup_vs_bf16']['fp8_tensor']:.2f} "
                   f"({r['speedup_vs_bf16']['fp8_gemms']:.2f}) |")
     return "\n".join(md) + "\n"
 

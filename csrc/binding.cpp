@@ -7,6 +7,7 @@
 #include "mxfp4_fp8_cast.h"
 #include "mxfp4_gemm_hopper.h"
 #include "mxfp4_quantize.h"
+#include "mxfp4_rows.h"
 #include "mxfp4_tiles.h"
 
 namespace py = pybind11;
@@ -93,10 +94,10 @@ mxfp4::GemmOperand operand(uintptr_t data, int64_t ld_data, uintptr_t scales, in
   return o;
 }
 
-void gemm_hopper(uintptr_t a_data, int64_t a_ld, uintptr_t a_scales, int64_t a_lds, int64_t m, uintptr_t b_data,
-                 int64_t b_ld, uintptr_t b_scales, int64_t b_lds, int64_t n, int64_t k, float alpha, uintptr_t c,
-                 int64_t ldc, int c_type, bool accumulate, uintptr_t workspace, uint64_t workspace_size,
-                 uintptr_t lt_workspace, uint64_t lt_workspace_size, uintptr_t counter, uintptr_t stream) {
+int gemm_hopper(uintptr_t a_data, int64_t a_ld, uintptr_t a_scales, int64_t a_lds, int64_t m, uintptr_t b_data,
+                int64_t b_ld, uintptr_t b_scales, int64_t b_lds, int64_t n, int64_t k, float alpha, uintptr_t c,
+                int64_t ldc, int c_type, bool accumulate, uintptr_t workspace, uint64_t workspace_size,
+                uintptr_t lt_workspace, uint64_t lt_workspace_size, uintptr_t counter, int scaling, uintptr_t stream) {
   mxfp4::GemmParams p;
   p.a = operand(a_data, a_ld, a_scales, a_lds, m);
   p.b = operand(b_data, b_ld, b_scales, b_lds, n);
@@ -111,7 +112,27 @@ void gemm_hopper(uintptr_t a_data, int64_t a_ld, uintptr_t a_scales, int64_t a_l
   p.lt_workspace = ptr<void>(lt_workspace);
   p.lt_workspace_size = lt_workspace_size;
   p.counter = ptr<int32_t>(counter);
-  mxfp4::gemm_hopper(p, reinterpret_cast<cudaStream_t>(stream));
+  p.scaling = static_cast<mxfp4::Scaling>(scaling);
+  return static_cast<int>(mxfp4::gemm_hopper(p, reinterpret_cast<cudaStream_t>(stream)));
+}
+
+void to_e4m3_rows(uintptr_t data, int64_t ld_data, uintptr_t scales, int64_t ld_scales, int64_t rows, int64_t k,
+                  uintptr_t codes, uintptr_t row_scales, uintptr_t row_flags, uintptr_t list, uintptr_t count,
+                  float mult, int64_t rows_out, uintptr_t stream) {
+  mxfp4::RowConvOperand o;
+  o.data = ptr<const uint8_t>(data);
+  o.ld_data = ld_data;
+  o.scales = ptr<const uint8_t>(scales);
+  o.ld_scales = ld_scales;
+  o.rows = rows;
+  o.rows_out = rows_out;
+  o.codes = ptr<uint8_t>(codes);
+  o.row_scales = ptr<float>(row_scales);
+  o.row_flags = ptr<int32_t>(row_flags);
+  o.list = ptr<int32_t>(list);
+  o.count = ptr<int32_t>(count);
+  o.mult = mult;
+  mxfp4::to_e4m3_rows(&o, 1, k, reinterpret_cast<cudaStream_t>(stream));
 }
 
 uint64_t gemm_hopper_workspace_size(int64_t m, int64_t n, int64_t k, int c_type, bool accumulate, uintptr_t c,
@@ -156,9 +177,12 @@ PYBIND11_MODULE(_mxfp4_cuda, m) {
         "A's tile scales on the flagged slabs.");
   m.def("gemm_hopper", &gemm_hopper, py::call_guard<py::gil_scoped_release>(),
         "gemm_hopper(a_data, a_ld, a_scales, a_lds, m, b_data, b_ld, b_scales, b_lds, n, k, alpha, c, ldc, c_type, "
-        "accumulate, workspace, workspace_size, lt_workspace, lt_workspace_size, counter, stream): "
+        "accumulate, workspace, workspace_size, lt_workspace, lt_workspace_size, counter, scaling, stream): "
         "C (+)= alpha A B^T on the FP8 tensor cores in one call (csrc/mxfp4_gemm_hopper.h); c_type 0/1/2 = "
-        "float32/bfloat16/float16.");
+        "float32/bfloat16/float16; scaling 0/1 = 1x128 tiles / rows. Returns the scaling used.");
+  m.def("to_e4m3_rows", &to_e4m3_rows, py::call_guard<py::gil_scoped_release>(),
+        "to_e4m3_rows(data, ld_data, scales, ld_scales, rows, k, codes, row_scales, row_flags, list, count, mult, "
+        "rows_out, stream): packed MXFP4 [rows, k] -> E4M3 codes with one float32 scale per row (csrc/mxfp4_rows.h).");
   m.def("gemm_hopper_workspace_size", &gemm_hopper_workspace_size,
         "gemm_hopper_workspace_size(m, n, k, c_type, accumulate, c, ldc): bytes of workspace gemm_hopper needs.");
   m.def("fp8_cast", &fp8_cast, py::call_guard<py::gil_scoped_release>(),

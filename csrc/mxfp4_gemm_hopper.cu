@@ -4,9 +4,11 @@
 // [N, M], so cuBLASLt computes D = op(A') * op(B') with A' = our B's E4M3 codes (stored [Np, Kt] row-major =
 // [Kt, Np] column-major, transposed: the "T" of the TN layout FP8 needs) and B' = our A's codes ([Kt, Mp]
 // column-major, not transposed). The 1x128 tile scales are [Kt/128, rows] with the rows contiguous, the
-// layout cuBLASLt's VEC128_32F mode reads. Handles are created once per device, heuristics cached per shape.
+// layout cuBLASLt's VEC128_32F mode reads; the per-row scales are the M- and N-vectors of its OUTER_VEC_32F
+// mode. Handles are created once per device, heuristics cached per shape and scaling.
 #include <algorithm>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -16,6 +18,7 @@
 #include <cuda_fp16.h>
 
 #include "mxfp4_gemm_hopper.h"
+#include "mxfp4_rows.h"
 #include "mxfp4_tiles.h"
 
 #if defined(MXFP4_WITH_CUBLASLT)
@@ -34,9 +37,9 @@ inline size_t align(size_t v) { return (v + kAlign - 1) / kAlign * kAlign; }
 
 inline size_t out_size(OutType t) { return t == OutType::kFloat32 ? 4 : 2; }
 
-struct Layout {  // byte offsets into the workspace
+struct Layout {  // byte offsets into the workspace (the per-row arrays serve Scaling::kRows)
   int64_t mp, np, nt, kt;
-  size_t flags, codes_a, codes_b, scales_a, scales_b, staging, total;
+  size_t flags, counts, codes_a, codes_b, scales_a, scales_b, rflags_a, rflags_b, list_a, list_b, staging, total;
 };
 
 // The product goes straight into C when cuBLASLt can write it there: no row padding, 16-byte aligned C
@@ -53,11 +56,16 @@ inline Layout layout(int64_t m, int64_t n, int64_t k, OutType t, bool accumulate
   l.nt = (k + kTile - 1) / kTile;
   l.kt = l.nt * kTile;
   size_t at = 0;
-  l.flags = at;    at = align(at + 2 * l.nt * sizeof(int32_t));
+  l.flags = at;    at += 2 * l.nt * sizeof(int32_t);
+  l.counts = at;   at = align(at + 2 * sizeof(int32_t));  // zeroed together with the flags
   l.codes_a = at;  at = align(at + l.mp * l.kt);
   l.codes_b = at;  at = align(at + l.np * l.kt);
   l.scales_a = at; at = align(at + l.nt * l.mp * sizeof(float));
   l.scales_b = at; at = align(at + l.nt * l.np * sizeof(float));
+  l.rflags_a = at; at = align(at + l.mp * sizeof(int32_t));
+  l.rflags_b = at; at = align(at + l.np * sizeof(int32_t));
+  l.list_a = at;   at = align(at + l.mp * sizeof(int32_t));
+  l.list_b = at;   at = align(at + l.np * sizeof(int32_t));
   l.staging = at;
   if (staged) at = align(at + l.mp * l.np * (accumulate ? 4 : out_size(t)));
   l.total = at;
@@ -132,6 +140,54 @@ __global__ void __launch_bounds__(256) fix_slabs_kernel(GemmOperand a, GemmOpera
   }
 }
 
+// The exact product of row r of A and row col of B over all K, scaled by alpha: every 32-K block summed exactly
+// in float32 and scaled by its two block scales, in block order (the arithmetic of fix_slabs_kernel).
+__device__ __forceinline__ float exact_dot(const GemmOperand& a, const GemmOperand& b, int64_t r, int64_t col,
+                                           int64_t nb, float alpha) {
+  float acc = 0.0f;
+  const uint8_t* pa = a.data + r * a.ld_data;
+  const uint8_t* pb = b.data + col * b.ld_data;
+  for (int64_t kb = 0; kb < nb; ++kb) {
+    float p = 0.0f;
+    for (int i = 0; i < 16; ++i) {
+      const uint32_t x = pa[kb * 16 + i], y = pb[kb * 16 + i];
+      p += e2m1(x & 15u) * e2m1(y & 15u);
+      p += e2m1(x >> 4) * e2m1(y >> 4);
+    }
+    acc += p * (e8m0(a.scales[r * a.ld_scales + kb]) * e8m0(b.scales[col * b.ld_scales + kb]));
+  }
+  return acc * alpha;
+}
+
+// C[r, :] += the exact product for every row r of A listed (flagged by the row conversion, its GEMM row
+// excluded by a zero scale), then C[:, r] for every listed row r of B, skipping A's flagged rows (already
+// done). Work items of 256 outputs, grid-strided; returns after reading the two counts when nothing is listed.
+__global__ void __launch_bounds__(256) fix_rows_kernel(GemmOperand a, GemmOperand b, int64_t nb, const int32_t* counts,
+                                                       const int32_t* list_a, const int32_t* list_b,
+                                                       const int32_t* flags_a, float alpha, void* c, int64_t ldc,
+                                                       OutType c_type, int32_t* counter) {
+  const int64_t ca = counts[0], cb = counts[1];
+  if (ca + cb == 0) return;
+  if (blockIdx.x == 0 && threadIdx.x == 0 && counter) atomicAdd(counter, 1);
+  const int64_t chunks_n = (b.rows + 255) / 256, chunks_m = (a.rows + 255) / 256;
+  const int64_t items = ca * chunks_n + cb * chunks_m;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    int64_t r, col;
+    if (item < ca * chunks_n) {
+      r = list_a[item / chunks_n];
+      col = item % chunks_n * 256 + threadIdx.x;
+      if (col >= b.rows) continue;
+    } else {
+      const int64_t j = item - ca * chunks_n;
+      col = list_b[j / chunks_m];
+      r = j % chunks_m * 256 + threadIdx.x;
+      if (r >= a.rows || flags_a[r]) continue;
+    }
+    const int64_t i = r * ldc + col;
+    store(c_type, c, i, to_float(c_type, c, i) + exact_dot(a, b, r, col, nb, alpha));
+  }
+}
+
 // C[M, N] (+)= staged[Mp, Np]: the padded product cut back into C.
 __global__ void unstage_kernel(const void* staged, int64_t ldst, void* c, int64_t ldc, int64_t m, int64_t n,
                                OutType t, bool accumulate) {
@@ -166,11 +222,13 @@ cudaDataType_t cuda_type(OutType t) {
   return t == OutType::kFloat32 ? CUDA_R_32F : t == OutType::kBFloat16 ? CUDA_R_16BF : CUDA_R_16F;
 }
 
-// One cuBLASLt handle per device, and the heuristic's first algorithm per problem, kept for the process.
+// One cuBLASLt handle per device, and the heuristic's first algorithm per problem (or that it has none), kept
+// for the process.
+using AlgoKey = std::tuple<int, int64_t, int64_t, int64_t, int64_t, int, int, size_t, int>;
 struct LtState {
   std::mutex mu;
   std::map<int, cublasLtHandle_t> handles;
-  std::map<std::tuple<int, int64_t, int64_t, int64_t, int64_t, int, int, size_t>, cublasLtMatmulAlgo_t> algos;
+  std::map<AlgoKey, std::pair<bool, cublasLtMatmulAlgo_t>> algos;
 };
 
 LtState& lt_state() {
@@ -189,58 +247,64 @@ struct Desc {  // RAII for the descriptors of one call
   }
 };
 
-// D[m', n'] = A' * B' (+ C) in cuBLASLt's column-major terms; see the file comment.
-void lt_matmul(const Layout& l, uint8_t* ws, const GemmParams& p, void* d, int64_t ldd, OutType d_type, bool beta_one,
-               cudaStream_t stream) {
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) throw std::runtime_error("mxfp4 gemm_hopper: cudaGetDevice failed");
-  LtState& st = lt_state();
-  cublasLtHandle_t handle;
-  {
-    std::lock_guard<std::mutex> lock(st.mu);
-    auto it = st.handles.find(dev);
-    if (it == st.handles.end()) {
-      cublasLtHandle_t h;
-      check_lt(cublasLtCreate(&h), "cublasLtCreate");
-      it = st.handles.emplace(dev, h).first;
-    }
-    handle = it->second;
-  }
+// One FP8 GEMM D[m', n'] = A' * B' (+ C) in cuBLASLt's column-major terms (see the file comment), described and
+// matched to an algorithm; run() issues it.
+struct LtCall {
+  cublasLtHandle_t handle = nullptr;
   Desc desc;
-  check_lt(cublasLtMatmulDescCreate(&desc.op, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate");
-  const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
-  check_lt(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)), "TRANSA");
-  check_lt(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)), "TRANSB");
-  const void* scale_a = ws + l.scales_b;  // A' is our B
-  const void* scale_b = ws + l.scales_a;
-  check_lt(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &scale_a, sizeof(scale_a)),
-           "A_SCALE_POINTER");
-  check_lt(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &scale_b, sizeof(scale_b)),
-           "B_SCALE_POINTER");
-  const int32_t mode = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
-  check_lt(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode, sizeof(mode)), "A_SCALE_MODE");
-  check_lt(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode, sizeof(mode)), "B_SCALE_MODE");
-  const int64_t m = l.np, n = l.mp, k = l.kt;
-  check_lt(cublasLtMatrixLayoutCreate(&desc.a, CUDA_R_8F_E4M3, k, m, k), "layout A");
-  check_lt(cublasLtMatrixLayoutCreate(&desc.b, CUDA_R_8F_E4M3, k, n, k), "layout B");
-  check_lt(cublasLtMatrixLayoutCreate(&desc.c, cuda_type(d_type), m, n, ldd), "layout C");
-
-  // the heuristic assumes 256-byte aligned matrices unless told otherwise; the workspace's are, C may not be
-  uint32_t align_d = 256;
-  while (align_d > 16 && reinterpret_cast<uintptr_t>(d) % align_d) align_d /= 2;
-  const auto key = std::make_tuple(dev, m, n, k, ldd, static_cast<int>(d_type) * 2 + static_cast<int>(beta_one),
-                                   static_cast<int>(align_d), p.lt_workspace_size);
-  cublasLtMatmulAlgo_t algo;
+  cublasLtMatmulAlgo_t algo{};
   bool found = false;
-  {
-    std::lock_guard<std::mutex> lock(st.mu);
-    auto it = st.algos.find(key);
-    if (it != st.algos.end()) {
-      algo = it->second;
-      found = true;
+
+  LtCall(const Layout& l, uint8_t* ws, const GemmParams& p, Scaling scaling, const void* d, int64_t ldd,
+         OutType d_type, bool beta_one) {
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) throw std::runtime_error("mxfp4 gemm_hopper: cudaGetDevice failed");
+    LtState& st = lt_state();
+    {
+      std::lock_guard<std::mutex> lock(st.mu);
+      auto it = st.handles.find(dev);
+      if (it == st.handles.end()) {
+        cublasLtHandle_t h;
+        check_lt(cublasLtCreate(&h), "cublasLtCreate");
+        it = st.handles.emplace(dev, h).first;
+      }
+      handle = it->second;
     }
-  }
-  if (!found) {
+    check_lt(cublasLtMatmulDescCreate(&desc.op, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate");
+    const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    check_lt(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)), "TRANSA");
+    check_lt(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)), "TRANSB");
+    const void* scale_a = ws + l.scales_b;  // A' is our B
+    const void* scale_b = ws + l.scales_a;
+    check_lt(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &scale_a, sizeof(scale_a)),
+             "A_SCALE_POINTER");
+    check_lt(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &scale_b, sizeof(scale_b)),
+             "B_SCALE_POINTER");
+    const int32_t mode = scaling == Scaling::kRows ? CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F
+                                                   : CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
+    check_lt(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode, sizeof(mode)),
+             "A_SCALE_MODE");
+    check_lt(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode, sizeof(mode)),
+             "B_SCALE_MODE");
+    const int64_t m = l.np, n = l.mp, k = l.kt;
+    check_lt(cublasLtMatrixLayoutCreate(&desc.a, CUDA_R_8F_E4M3, k, m, k), "layout A");
+    check_lt(cublasLtMatrixLayoutCreate(&desc.b, CUDA_R_8F_E4M3, k, n, k), "layout B");
+    check_lt(cublasLtMatrixLayoutCreate(&desc.c, cuda_type(d_type), m, n, ldd), "layout C");
+
+    // the heuristic assumes 256-byte aligned matrices unless told otherwise; the workspace's are, C may not be
+    uint32_t align_d = 256;
+    while (align_d > 16 && reinterpret_cast<uintptr_t>(d) % align_d) align_d /= 2;
+    const AlgoKey key(dev, m, n, k, ldd, static_cast<int>(d_type) * 2 + static_cast<int>(beta_one),
+                      static_cast<int>(align_d), p.lt_workspace_size, static_cast<int>(scaling));
+    {
+      std::lock_guard<std::mutex> lock(st.mu);
+      auto it = st.algos.find(key);
+      if (it != st.algos.end()) {
+        found = it->second.first;
+        algo = it->second.second;
+        return;
+      }
+    }
     cublasLtMatmulPreference_t pref;
     check_lt(cublasLtMatmulPreferenceCreate(&pref), "cublasLtMatmulPreferenceCreate");
     const uint64_t wsz = p.lt_workspace_size;
@@ -252,19 +316,22 @@ void lt_matmul(const Layout& l, uint8_t* ws, const GemmParams& p, void* d, int64
     const cublasStatus_t s =
         cublasLtMatmulAlgoGetHeuristic(handle, desc.op, desc.a, desc.b, desc.c, desc.c, pref, 1, &res, &count);
     cublasLtMatmulPreferenceDestroy(pref);
-    check_lt(s, "cublasLtMatmulAlgoGetHeuristic");
-    if (count == 0)
-      throw std::runtime_error("mxfp4 gemm_hopper: cuBLASLt has no FP8 1x128-block-scaled GEMM for m=" +
-                               std::to_string(m) + " n=" + std::to_string(n) + " k=" + std::to_string(k));
+    // an unsupported scale mode is "no algorithm" (the caller may fall back); other failures are errors
+    if (s != CUBLAS_STATUS_NOT_SUPPORTED) check_lt(s, "cublasLtMatmulAlgoGetHeuristic");
+    found = s == CUBLAS_STATUS_SUCCESS && count > 0;
     algo = res.algo;
     std::lock_guard<std::mutex> lock(st.mu);
-    st.algos.emplace(key, algo);
+    st.algos.emplace(key, std::make_pair(found, algo));
   }
-  const float one = 1.0f, zero = 0.0f;
-  check_lt(cublasLtMatmul(handle, desc.op, &one, ws + l.codes_b, desc.a, ws + l.codes_a, desc.b, beta_one ? &one : &zero,
-                          d, desc.c, d, desc.c, &algo, p.lt_workspace, p.lt_workspace_size, stream),
-           "cublasLtMatmul");
-}
+
+  void run(uint8_t* ws, const Layout& l, const GemmParams& p, void* d, bool beta_one, cudaStream_t stream) {
+    const float one = 1.0f, zero = 0.0f;
+    check_lt(cublasLtMatmul(handle, desc.op, &one, ws + l.codes_b, desc.a, ws + l.codes_a, desc.b,
+                            beta_one ? &one : &zero, d, desc.c, d, desc.c, &algo, p.lt_workspace, p.lt_workspace_size,
+                            stream),
+             "cublasLtMatmul");
+  }
+};
 
 #endif  // MXFP4_WITH_CUBLASLT
 
@@ -284,7 +351,7 @@ size_t gemm_hopper_workspace_size(int64_t m, int64_t n, int64_t k, OutType c_typ
   return layout(m, n, k, c_type, accumulate, !direct(m, n, c_type, c, ldc)).total;
 }
 
-void gemm_hopper(const GemmParams& p, cudaStream_t stream) {
+Scaling gemm_hopper(const GemmParams& p, cudaStream_t stream) {
   using namespace detail;
 #if !defined(MXFP4_WITH_CUBLASLT)
   (void)p;
@@ -303,49 +370,96 @@ void gemm_hopper(const GemmParams& p, cudaStream_t stream) {
                                            std::to_string(l.total));
   require(reinterpret_cast<uintptr_t>(p.workspace) % kAlign == 0, "workspace must be 256-byte aligned");
   uint8_t* ws = static_cast<uint8_t*>(p.workspace);
-  int32_t* flags = reinterpret_cast<int32_t*>(ws + l.flags);
-  if (cudaMemsetAsync(flags, 0, 2 * l.nt * sizeof(int32_t), stream) != cudaSuccess) check_launch("memset");
+  void* d = staged ? static_cast<void*>(ws + l.staging) : p.c;
+  const int64_t ldd = staged ? l.np : p.ldc;
+  const OutType d_type = staged && p.accumulate ? OutType::kFloat32 : p.c_type;
+  const bool beta_one = !staged && p.accumulate;
 
-  TileParams ta;
-  ta.data = p.a.data;
-  ta.ld_data = p.a.ld_data;
-  ta.scales = p.a.scales;
-  ta.ld_scales = p.a.ld_scales;
-  ta.rows = m;
-  ta.k = k;
-  ta.rows_out = l.mp;
-  ta.codes = ws + l.codes_a;
-  ta.tile_scales = reinterpret_cast<float*>(ws + l.scales_a);
-  ta.flags = flags;
-  TileParams tb = ta;
-  tb.data = p.b.data;
-  tb.ld_data = p.b.ld_data;
-  tb.scales = p.b.scales;
-  tb.ld_scales = p.b.ld_scales;
-  tb.rows = n;
-  tb.rows_out = l.np;
-  tb.codes = ws + l.codes_b;
-  tb.tile_scales = reinterpret_cast<float*>(ws + l.scales_b);
-  tb.flags = flags + l.nt;
-  tb.mult = p.alpha;
-  to_e4m3_tiles(ta, stream);
-  to_e4m3_tiles(tb, stream);
-  mask_flagged_slabs(flags, flags + l.nt, ta.tile_scales, l.mp, l.nt, stream);
+  Scaling scaling = p.scaling;
+  std::unique_ptr<LtCall> rows_call;
+  if (scaling == Scaling::kRows) {
+    rows_call.reset(new LtCall(l, ws, p, Scaling::kRows, d, ldd, d_type, beta_one));
+    if (!rows_call->found) scaling = Scaling::kTiles;  // reported to the caller, which warns once
+  }
+  int32_t* flags = reinterpret_cast<int32_t*>(ws + l.flags);
+  int32_t* counts = reinterpret_cast<int32_t*>(ws + l.counts);
+  if (cudaMemsetAsync(flags, 0, l.counts + 2 * sizeof(int32_t) - l.flags, stream) != cudaSuccess) check_launch("memset");
+
+  if (scaling == Scaling::kRows) {
+    RowConvOperand ops[2];
+    const GemmOperand* src[2] = {&p.a, &p.b};
+    const int64_t rows_out[2] = {l.mp, l.np};
+    const size_t codes[2] = {l.codes_a, l.codes_b}, scales[2] = {l.scales_a, l.scales_b};
+    const size_t rflags[2] = {l.rflags_a, l.rflags_b}, lists[2] = {l.list_a, l.list_b};
+    for (int i = 0; i < 2; ++i) {
+      ops[i].data = src[i]->data;
+      ops[i].ld_data = src[i]->ld_data;
+      ops[i].scales = src[i]->scales;
+      ops[i].ld_scales = src[i]->ld_scales;
+      ops[i].rows = src[i]->rows;
+      ops[i].rows_out = rows_out[i];
+      ops[i].codes = ws + codes[i];
+      ops[i].row_scales = reinterpret_cast<float*>(ws + scales[i]);
+      ops[i].row_flags = reinterpret_cast<int32_t*>(ws + rflags[i]);
+      ops[i].list = reinterpret_cast<int32_t*>(ws + lists[i]);
+      ops[i].count = counts + i;
+    }
+    ops[1].mult = p.alpha;
+    to_e4m3_rows(ops, 2, k, stream);
+    rows_call->run(ws, l, p, d, beta_one, stream);
+  } else {
+    TileParams ta;
+    ta.data = p.a.data;
+    ta.ld_data = p.a.ld_data;
+    ta.scales = p.a.scales;
+    ta.ld_scales = p.a.ld_scales;
+    ta.rows = m;
+    ta.k = k;
+    ta.rows_out = l.mp;
+    ta.codes = ws + l.codes_a;
+    ta.tile_scales = reinterpret_cast<float*>(ws + l.scales_a);
+    ta.flags = flags;
+    TileParams tb = ta;
+    tb.data = p.b.data;
+    tb.ld_data = p.b.ld_data;
+    tb.scales = p.b.scales;
+    tb.ld_scales = p.b.ld_scales;
+    tb.rows = n;
+    tb.rows_out = l.np;
+    tb.codes = ws + l.codes_b;
+    tb.tile_scales = reinterpret_cast<float*>(ws + l.scales_b);
+    tb.flags = flags + l.nt;
+    tb.mult = p.alpha;
+    to_e4m3_tiles(ta, stream);
+    to_e4m3_tiles(tb, stream);
+    mask_flagged_slabs(flags, flags + l.nt, ta.tile_scales, l.mp, l.nt, stream);
+    LtCall tiles_call(l, ws, p, Scaling::kTiles, d, ldd, d_type, beta_one);
+    if (!tiles_call.found)
+      throw std::runtime_error("mxfp4 gemm_hopper: cuBLASLt has no FP8 1x128-block-scaled GEMM for M=" +
+                               std::to_string(m) + " N=" + std::to_string(n) + " K=" + std::to_string(l.kt));
+    tiles_call.run(ws, l, p, d, beta_one, stream);
+  }
 
   if (staged) {
-    const OutType st = p.accumulate ? OutType::kFloat32 : p.c_type;
-    lt_matmul(l, ws, p, ws + l.staging, l.np, st, false, stream);
     const int64_t total = m * n;
     const unsigned grid = static_cast<unsigned>(std::min<int64_t>((total + 255) / 256, 4096));
     unstage_kernel<<<grid, 256, 0, stream>>>(ws + l.staging, l.np, p.c, p.ldc, m, n, p.c_type, p.accumulate);
     check_launch("unstage");
-  } else {
-    lt_matmul(l, ws, p, p.c, p.ldc, p.c_type, p.accumulate, stream);
   }
-  const int64_t tiles = (m + 15) / 16 * ((n + 15) / 16);
-  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(tiles, 528));
-  fix_slabs_kernel<<<grid, 256, 0, stream>>>(p.a, p.b, k / 32, flags, l.nt, p.alpha, p.c, p.ldc, p.c_type, p.counter);
-  check_launch("fix_slabs");
+  if (scaling == Scaling::kRows) {
+    fix_rows_kernel<<<528, 256, 0, stream>>>(p.a, p.b, k / 32, counts, reinterpret_cast<const int32_t*>(ws + l.list_a),
+                                             reinterpret_cast<const int32_t*>(ws + l.list_b),
+                                             reinterpret_cast<const int32_t*>(ws + l.rflags_a), p.alpha, p.c, p.ldc,
+                                             p.c_type, p.counter);
+    check_launch("fix_rows");
+  } else {
+    const int64_t tiles = (m + 15) / 16 * ((n + 15) / 16);
+    const unsigned grid = static_cast<unsigned>(std::min<int64_t>(tiles, 528));
+    fix_slabs_kernel<<<grid, 256, 0, stream>>>(p.a, p.b, k / 32, flags, l.nt, p.alpha, p.c, p.ldc, p.c_type,
+                                               p.counter);
+    check_launch("fix_slabs");
+  }
+  return scaling;
 #endif
 }
 

@@ -1,7 +1,18 @@
 // Host interface of the Hopper MXFP4 GEMM in one native call (no PyTorch dependency: raw pointers + stream).
 //
 // C[M, N] (+)= alpha * A[M, K] * B[N, K]^T for two packed MXFP4 operands quantized along K (megatron_mxfp4
-// `MXFP4Tensor` layout: codes [rows, k/2], E8M0 scales [rows, k/32]). The call issues, on `stream`:
+// `MXFP4Tensor` layout: codes [rows, k/2], E8M0 scales [rows, k/32]). Two scalings of the FP8 GEMM:
+//
+// Scaling::kRows (one float32 scale per row of each operand, cuBLASLt's outer-vector mode, its fastest scaled
+// FP8 GEMM on Hopper):
+//   1. the flagged-row counts zeroed (a memset),
+//   2. both operands converted to the E4M3-row layout in one launch (mxfp4_rows.h), B's row scales times alpha,
+//   3. cuBLASLt's FP8 GEMM with per-row scales on both operands (float32 accumulation),
+//   4. the exact per-row fix: C[r, :] += alpha * A[r, :] * B^T for every row r of A flagged by the conversion
+//      (a row whose blocks span more than 14 binades) and C[:, r] likewise for B's flagged rows, promoting every
+//      32-K block (returns at once when no row is flagged; bumps `counter` otherwise).
+//
+// Scaling::kTiles (one float32 scale per 1x128 tile):
 //   1. the slab flags zeroed (a memset),
 //   2. both operands converted to the E4M3-tile layout (mxfp4_tiles.h), B's tile scales times alpha,
 //   3. A's tile scales zeroed on every K-slab flagged in either operand,
@@ -20,6 +31,7 @@
 namespace mxfp4 {
 
 enum class OutType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+enum class Scaling : int { kTiles = 0, kRows = 1 };
 
 struct GemmOperand {
   const uint8_t* data = nullptr;    // packed codes [rows, k/2], row stride ld_data bytes (multiple of 8)
@@ -41,7 +53,8 @@ struct GemmParams {
   size_t workspace_size = 0;
   void* lt_workspace = nullptr;  // cuBLASLt's own workspace
   size_t lt_workspace_size = 0;
-  int32_t* counter = nullptr;    // int32 [1]: calls that needed the per-slab fix (may be null)
+  int32_t* counter = nullptr;    // int32 [1]: calls that needed the per-slab / per-row fix (may be null)
+  Scaling scaling = Scaling::kRows;
 };
 
 // Bytes of `workspace` that gemm_hopper needs for operands of M, N rows and padded K, writing C at `c`
@@ -52,8 +65,9 @@ size_t gemm_hopper_workspace_size(int64_t m, int64_t n, int64_t k, OutType c_typ
 // True when this build links cuBLASLt (else gemm_hopper throws).
 bool gemm_hopper_available();
 
-// Runs the five steps above on `stream`. Throws std::invalid_argument for bad arguments and
-// std::runtime_error for CUDA / cuBLASLt errors.
-void gemm_hopper(const GemmParams& p, cudaStream_t stream);
+// Runs the steps above on `stream` and returns the scaling used: kRows falls back to kTiles for a problem
+// that cuBLASLt has no outer-vector-scaled FP8 kernel for. Throws std::invalid_argument for bad arguments
+// and std::runtime_error for CUDA / cuBLASLt errors.
+Scaling gemm_hopper(const GemmParams& p, cudaStream_t stream);
 
 }  // namespace mxfp4

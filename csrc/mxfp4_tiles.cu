@@ -5,14 +5,13 @@
 // contiguous bytes per row-tile. A CTA of 8 warps covers 32 rows; each thread converts kTilesPerThread
 // consecutive tiles of its row, all loads issued before any conversion.
 //
-// The fold needs no float arithmetic. Within a block every code maps through one 8-entry table (E4M3
-// byte of |E2M1 value| * 2^d, d = e_j - e_top in [-8, 0], exact in E4M3 down to its subnormal 2^-9),
-// so four codes at a time are looked up with PRMT: selector = the four 3-bit magnitudes, table = two
-// 32-bit words. A second table holds the negated entries (sign bit set, except +0 for zero), and a
-// third PRMT on the sign bits picks between them.
+// The fold needs no float arithmetic: inside a block every code maps through one 8-entry table (the E4M3
+// byte of |E2M1 value| * 2^d, d = e_j - e_top in [-8, 0]), looked up four codes at a time
+// (mxfp4_e4m3_fold.cuh).
 #include <stdexcept>
 #include <string>
 
+#include "mxfp4_e4m3_fold.cuh"
 #include "mxfp4_tiles.h"
 
 namespace mxfp4 {
@@ -23,28 +22,6 @@ constexpr int kTileRowsPerCta = kTileThreads / 8;  // eight lanes per row-tile
 constexpr int kTilesPerThread = 4;
 constexpr int kMaxSpan = 8;                          // layouts.MAX_TILE_SPAN
 constexpr int kNoExp = 1000;                         // "no live block" sentinel
-
-// E4M3 byte of the E2M1 magnitude with base byte `b` (0x00, 0x30 .. 0x4C) times 2^d, d in [-8, 0].
-__device__ __forceinline__ uint32_t fold_byte(uint32_t b, int d) {
-  if (b == 0) return 0;
-  const int e = static_cast<int>(b >> 3) + d;  // biased E4M3 exponent after the fold
-  const uint32_t m = b & 7u;
-  return e >= 1 ? (static_cast<uint32_t>(e) << 3) | m : (8u + m) >> (1 - e);  // subnormal: exact shift
-}
-
-// Four E4M3 bytes for the four codes in the low 16 bits of h (natural order, low nibble first).
-__device__ __forceinline__ uint32_t lookup4(uint32_t h, uint32_t pos_lo, uint32_t pos_hi, uint32_t neg_lo,
-                                            uint32_t neg_hi) {
-  const uint32_t sel = h & 0x7777u;
-  const uint32_t pos = __byte_perm(pos_lo, pos_hi, sel);
-  const uint32_t neg = __byte_perm(neg_lo, neg_hi, sel);
-  const uint32_t smask = __byte_perm(0xFF00u, 0u, (h >> 3) & 0x1111u);  // 0xFF where the sign bit is set
-  return (pos & ~smask) | (neg & smask);
-}
-
-__device__ __forceinline__ float pow2(int e) {  // 2^e, e in [-127, 127]; 2^-127 is subnormal
-  return __uint_as_float(e >= -126 ? static_cast<uint32_t>(e + 127) << 23 : 0x00400000u);
-}
 
 __global__ void __launch_bounds__(kTileThreads) to_e4m3_tiles_kernel(const TileParams p) {
   const int lane = threadIdx.x & 31;
@@ -92,22 +69,9 @@ __global__ void __launch_bounds__(kTileThreads) to_e4m3_tiles_kernel(const TileP
     const bool keep = !isnan && !bad;
     const int d = min(max(e - etop, -kMaxSpan), 0);  // live blocks of a kept tile: already in [-8, 0]
 
-    uint32_t pos_lo = 0, pos_hi = 0, neg_lo = 0, neg_hi = 0;
-    if (keep) {
-      const uint32_t base_lo = 0x3C383000u, base_hi = 0x4C484440u;  // |E2M1| 0 .. 1.5, 2 .. 6 as E4M3
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        pos_lo |= fold_byte((base_lo >> (8 * i)) & 0xFFu, d) << (8 * i);
-        pos_hi |= fold_byte((base_hi >> (8 * i)) & 0xFFu, d) << (8 * i);
-      }
-      neg_lo = pos_lo | 0x80808000u;  // entry 0 (zero) stays +0
-      neg_hi = pos_hi | 0x80808080u;
-    }
+    const FoldTable table = keep ? fold_table(d) : FoldTable{0u, 0u, 0u, 0u};
     if (row >= rows_out) continue;
-    const uint4 out = make_uint4(lookup4(w[j].x, pos_lo, pos_hi, neg_lo, neg_hi),
-                                 lookup4(w[j].x >> 16, pos_lo, pos_hi, neg_lo, neg_hi),
-                                 lookup4(w[j].y, pos_lo, pos_hi, neg_lo, neg_hi),
-                                 lookup4(w[j].y >> 16, pos_lo, pos_hi, neg_lo, neg_hi));
+    const uint4 out = lookup16(w[j].x, w[j].y, table);
     *reinterpret_cast<uint4*>(p.codes + row * kp + t * 128 + l * 16) = out;
     if (l == 0) {
       p.tile_scales[t * rows_out + row] = tnan ? __uint_as_float(0x7FC00000u) : __fmul_rn(pow2(etop), p.mult);

@@ -24,7 +24,8 @@ import csrc_build  # noqa: E402
 NVCC = csrc_build.nvcc_path()
 ARCHS = ("90a", "100a")
 SUBSET = ("binding.cpp", "mxfp4_quantize.cu", "mxfp4_quantize_bf16_dual.cu", "mxfp4_quantize_f32_dual.cu",
-          "mxfp4_quantize_f16_dual.cu", "mxfp4_tiles.cu", "mxfp4_fp8_cast.cu", "mxfp4_gemm_hopper.cu")
+          "mxfp4_quantize_f16_dual.cu", "mxfp4_tiles.cu", "mxfp4_rows.cu", "mxfp4_fp8_cast.cu",
+          "mxfp4_gemm_hopper.cu")
 
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found")
 

@@ -183,6 +183,79 @@ def test_adversarial_cross_scales_need_the_fallback():
 
 
 # ------------------------------------------------------------------------------------------------
+# Hopper layout with one scale per row (outer-vector FP8 scaling)
+# ------------------------------------------------------------------------------------------------
+
+def emulate_hopper_rows(a, b):
+    """The row-scaled hopper arithmetic in float64 on CPU: row layout product + flagged rows exactly."""
+    oa, ob = L.to_e4m3_rows_reference(a), L.to_e4m3_rows_reference(b)
+    c = L.e4m3_rows_dequantize(oa).double() @ L.e4m3_rows_dequantize(ob).double().t()
+    ref = exact64(a, b)
+    c[oa.flagged] = ref[oa.flagged]
+    c[:, ob.flagged] = ref[:, ob.flagged]
+    return c, oa.flagged, ob.flagged
+
+
+@pytest.mark.parametrize("spread", [0, 6, 14])
+def test_rows_layout_is_exact_within_14_binades(spread):
+    t = spread_operand(24, 640, spread, seed=90 + spread, top=3)
+    op = L.to_e4m3_rows_reference(t)
+    assert op.codes.shape == (24, 640) and op.scales.shape == (24,) and op.codes.dtype == torch.float8_e4m3fn
+    assert not op.flagged.any()
+    assert torch.equal(L.e4m3_rows_dequantize(op), t.dequantize(unscaled=True))
+    # the headroom is used: the top block's 6 sits at 384 in E4M3
+    assert op.codes.to(torch.float32).abs().max().item() == 384.0
+    assert torch.equal(op.scales, torch.full((24,), 2.0 ** (3 - 6)))
+
+
+def test_rows_layout_flags_rows_spanning_more_than_14_binades():
+    t = spread_operand(16, 256, 0, seed=101)
+    s = t.scales.clone()
+    s[3, 5] -= 15                        # row 3: one block 15 binades down -> flagged
+    s[7, 2] -= 14                        # row 7: 14 binades -> still exact
+    t = MXFP4Tensor(t.data, s, t.prescale, 1, t.shape)
+    op = L.to_e4m3_rows_reference(t, mult=0.5)
+    assert op.flagged.tolist() == [r == 3 for r in range(16)]
+    assert op.scales[3].item() == 0.0 and torch.all(op.codes[3].to(torch.float32) == 0)
+    full = t.dequantize(unscaled=True)
+    keep = ~op.flagged
+    assert torch.equal(L.e4m3_rows_dequantize(op)[keep], full[keep] * 0.5)
+
+
+def test_rows_layout_zero_blocks_nan_rows_and_padding():
+    t = spread_operand(6, 160, 2, seed=102)
+    codes = t.codes().clone()
+    codes[1, 32:64] = 0                  # a dead block far below: does not count for the span
+    s = t.scales.clone()
+    s[1, 1] = 0
+    s[4, 2] = fmt.E8M0_NAN               # a NaN block: the row's scale is NaN
+    t = MXFP4Tensor(fmt.pack_nibbles(codes), s, t.prescale, 1, t.shape)
+    op = L.to_e4m3_rows_reference(t, rows_out=16)
+    assert op.codes.shape == (16, 256) and not op.flagged.any()
+    assert torch.isnan(op.scales[4]) and torch.isfinite(op.scales[torch.arange(16) != 4]).all()
+    assert torch.all(op.codes[6:].to(torch.float32) == 0) and torch.all(op.scales[6:] == 0)
+    assert torch.all(op.codes[:, 160:].to(torch.float32) == 0)
+    ok = torch.tensor([r != 4 for r in range(6)])
+    assert torch.equal(L.e4m3_rows_dequantize(op)[:6][ok], t.dequantize(unscaled=True)[ok])
+    # zero codes are +0, never -0
+    assert not torch.any(op.codes.view(torch.uint8) == 0x80)
+
+
+@pytest.mark.parametrize("spread", [0, 10, 14, 20])
+def test_hopper_rows_arithmetic_with_row_fallback_matches_float64(spread):
+    a = spread_operand(48, 640, spread, seed=120 + spread)
+    b = spread_operand(40, 640, spread, seed=160 + spread)
+    c, fa, fb = emulate_hopper_rows(a, b)
+    ref = exact64(a, b)
+    assert bool(fa.any() or fb.any()) == (spread > 14)
+    assert ((c - ref).norm() / ref.norm()).item() < 1e-12
+    if spread > 14:  # control: reading flagged rows as zero is visibly wrong
+        oa, ob = L.to_e4m3_rows_reference(a), L.to_e4m3_rows_reference(b)
+        dropped = L.e4m3_rows_dequantize(oa).double() @ L.e4m3_rows_dequantize(ob).double().t()
+        assert ((dropped - ref).norm() / ref.norm()).item() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------
 # Blackwell layout
 # ------------------------------------------------------------------------------------------------
 

@@ -75,14 +75,14 @@ def current_stream_handle(device: torch.device) -> int:
     return _raw_stream(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def launch_on(device: torch.device, fn, *args, **kwargs) -> None:
+def launch_on(device: torch.device, fn, *args, **kwargs):
     """fn(*args, **kwargs) from `device`'s context, so that its launches reach the tensors' GPU (switching
-    devices only when it is not the current one: this runs several times per backward GEMM)."""
+    devices only when it is not the current one: this runs several times per backward GEMM). Returns fn's
+    result."""
     if device.index is None or device.index == torch.cuda.current_device():
-        fn(*args, **kwargs)
-    else:
-        with torch.cuda.device(device):
-            fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+    with torch.cuda.device(device):
+        return fn(*args, **kwargs)
 
 
 def is_available() -> bool:

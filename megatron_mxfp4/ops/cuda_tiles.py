@@ -1,4 +1,7 @@
-"""The E4M3-tile conversion of the Hopper GEMM on the CUDA extension (csrc/mxfp4_tiles.cu).
+"""The E4M3 conversions of the Hopper GEMM on the CUDA extension (csrc/mxfp4_tiles.cu, csrc/mxfp4_rows.cu).
+
+`to_e4m3_rows` is the compiled twin of `layouts.to_e4m3_rows_reference` (one float32 scale per row); the
+native GEMM runs it inside its own call, this entry point serves the tests.
 
 `to_e4m3_tiles` is the compiled twin of `layouts.to_e4m3_reference(t, 128, "natural")`, bit for bit
 (tile scales multiplied by `mult` in float32): one pass that reads the packed codes and block scales
@@ -14,7 +17,7 @@ import torch
 
 from ..numerics.quantize import MXFP4Tensor
 from .cuda_quantize import _LOAD_ERROR, _ext, current_stream_handle, launch_on
-from .layouts import TILE, E4M3Operand, _check_operand
+from .layouts import TILE, E4M3Operand, E4M3RowOperand, _check_operand
 
 
 def supports(t: torch.Tensor) -> Optional[str]:
@@ -67,6 +70,30 @@ def to_e4m3_tiles(t: MXFP4Tensor, mult: float = 1.0, flags: Optional[torch.Tenso
     return E4M3Operand(codes, tile_scales, flags, TILE, K, "natural")
 
 
+def to_e4m3_rows(t: MXFP4Tensor, mult: float = 1.0, rows_out: Optional[int] = None):
+    """[R, K] MXFP4Tensor (quantized along K) -> the per-row layout of `layouts.to_e4m3_rows_reference` (its
+    compiled twin, bit for bit), Ro = `rows_out` rows (default R). Returns (E4M3RowOperand, flagged row
+    indices int32 [count]) — the list the GEMM's row fix reads (order unspecified)."""
+    _check_operand(t)
+    reason = supports(t.data)
+    if reason is None and not hasattr(_ext, "to_e4m3_rows"):
+        reason = "the CUDA extension predates the E4M3-row kernel (rebuild it)"
+    if reason is not None:
+        raise RuntimeError(f"megatron_mxfp4 E4M3-row conversion: {reason}")
+    R, K = t.padded_shape
+    ro = R if rows_out is None else max(int(rows_out), R)
+    dev = t.data.device
+    data, scales = packed_operand(t)
+    codes = torch.empty((ro, -(-K // TILE) * TILE), dtype=torch.float8_e4m3fn, device=dev)
+    row_scales = torch.empty(ro, dtype=torch.float32, device=dev)
+    flags = torch.empty(ro, dtype=torch.int32, device=dev)
+    lst = torch.empty(max(R, 1), dtype=torch.int32, device=dev)
+    count = torch.zeros(1, dtype=torch.int32, device=dev)
+    _call(dev, _ext.to_e4m3_rows, data.data_ptr(), data.stride(0), scales.data_ptr(), scales.stride(0), R, K,
+          codes.data_ptr(), row_scales.data_ptr(), flags.data_ptr(), lst.data_ptr(), count.data_ptr(), float(mult), ro)
+    return E4M3RowOperand(codes, row_scales, flags.bool(), K), lst[:int(count.item())]
+
+
 def tile_operands(a: MXFP4Tensor, b: MXFP4Tensor, mult_b: float = 1.0, row_multiple: int = 1):
     """Both operands of A·Bᵀ in the E4M3-tile layout (B's tile scales times `mult_b`), with A's tile
     scales zeroed on every K-slab flagged in either operand; each operand's rows padded with zero codes to
@@ -84,4 +111,4 @@ def tile_operands(a: MXFP4Tensor, b: MXFP4Tensor, mult_b: float = 1.0, row_multi
     return oa, ob, flags[0]
 
 
-__all__ = ["supports", "to_e4m3_tiles", "tile_operands"]
+__all__ = ["supports", "to_e4m3_tiles", "to_e4m3_rows", "tile_operands", "packed_operand"]

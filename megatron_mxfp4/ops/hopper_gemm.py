@@ -3,7 +3,18 @@
 Every E2M1 value is exact in FP8 E4M3, so an MXFP4 product can run on the FP8 tensor cores.
 Two backends:
 
-`hopper` (fast; error ≤ 5e-4 relative, DESIGN §2.5): each operand becomes E4M3 codes with the
+`hopper` (fast; error ≤ 5e-4 relative, DESIGN §2.5), in one of two scalings (`SCALING`, default "tiles"):
+
+"rows" (native call only; not yet the default: its kernels compile but have not run on a GPU — the GPU tests
+and `bench/gemm.py`'s `hopper` vs `hopper_tiles` columns decide): each operand becomes E4M3 codes with every block exponent of a
+row folded in relative to one exponent per row + one float32 scale per row (`layouts.to_e4m3_rows_reference`;
+E4M3's headroom above the E2M1 range lets a row span 14 binades), multiplied by cuBLASLt's FP8 GEMM with
+outer-vector scaling, its fastest scaled FP8 mode on Hopper (≈ 1.2 PFLOP/s against ≈ 0.93 for 1×128 tiles at
+GPT-6.7B backward shapes). A row spanning more is excluded from the GEMM (scale 0) and added exactly by a
+fix kernel (per-row fallback, warned about once). Where cuBLASLt offers no outer-vector kernel for a
+problem, that call takes the tile scaling (warned about once).
+
+"tiles": each operand becomes E4M3 codes with the
 block exponents folded in relative to their 1×128 tile + one float32 scale per tile
 (`layouts`, "tiles"; converted by the CUDA extension's kernel, `cuda_tiles`), multiplied by cuBLASLt's FP8 GEMM with 1×128 block scaling on both operands
 (`torch.nn.functional.scaled_mm`, `ScalingType.BlockWise1x128`). The tensor core adds products of
@@ -48,6 +59,9 @@ from .triton_gemm import fix_bad_slabs, fp8_scaled_gemm, to_e4m3, triton_unavail
 
 #: Which exact kernel `hopper_exact` runs: "tiles" (folded codes, scale per 128 K) or "blocks".
 EXACT_VARIANT = "tiles"
+#: Scaling of the `hopper` GEMM's native call: "tiles" (one scale per 1×128 tile) or "rows" (one per row).
+SCALING = "tiles"
+_SCALINGS = {"tiles": 0, "rows": 1}
 
 _warned = set()
 
@@ -92,8 +106,9 @@ class _FallbackMonitor:
             if not ev.query():  # the last copy has not landed: poll again later
                 return
             if int(st["host"][0]) > 0:
-                _warn_once("bad_slabs", "megatron_mxfp4: some 128-column K-slabs held a tile whose block exponents "
-                                        "span more than 8 binades; those slabs were computed on the exact 32-K path")
+                _warn_once("bad_slabs", "megatron_mxfp4: some GEMM operands could not be folded into E4M3 exactly "
+                                        "(a 1x128 tile spanning more than 8 binades, or a row more than 14); those "
+                                        "slabs or rows were computed on the exact 32-K path")
                 return
         st["host"].copy_(st["dev"], non_blocking=True)
         if ev is None:
@@ -213,8 +228,12 @@ def _lt_workspace(device: torch.device, stream: int) -> torch.Tensor:
     return ws
 
 
-def _native_gemm(a: MXFP4Tensor, b: MXFP4Tensor, out_dtype, alpha: float, accumulate_into) -> torch.Tensor:
-    """The `hopper` GEMM as one extension call; alpha = the final float32 factor."""
+def _native_gemm(a: MXFP4Tensor, b: MXFP4Tensor, out_dtype, alpha: float, accumulate_into,
+                 scaling: Optional[str] = None) -> torch.Tensor:
+    """The `hopper` GEMM as one extension call; alpha = the final float32 factor; scaling: `SCALING` if None."""
+    scaling = scaling or SCALING
+    if scaling not in _SCALINGS:
+        raise ValueError(f"hopper_gemm.SCALING must be one of {sorted(_SCALINGS)}, got {scaling!r}")
     M, N, K = a.shape[0], b.shape[0], a.padded_shape[1]
     dev = a.data.device
     ad, asc = cuda_tiles.packed_operand(a)
@@ -226,9 +245,13 @@ def _native_gemm(a: MXFP4Tensor, b: MXFP4Tensor, out_dtype, alpha: float, accumu
     ws = torch.empty(ws_bytes, dtype=torch.uint8, device=dev)
     stream = current_stream_handle(dev)
     lt = _lt_workspace(dev, stream)
-    launch_on(dev, _ext.gemm_hopper, ad.data_ptr(), ad.stride(0), asc.data_ptr(), asc.stride(0), M, bd.data_ptr(),
-              bd.stride(0), bsc.data_ptr(), bsc.stride(0), N, K, alpha, c.data_ptr(), c.stride(0), ctype, acc,
-              ws.data_ptr(), ws_bytes, lt.data_ptr(), LT_WORKSPACE_BYTES, monitor.counter(dev).data_ptr(), stream)
+    used = launch_on(dev, _ext.gemm_hopper, ad.data_ptr(), ad.stride(0), asc.data_ptr(), asc.stride(0), M,
+                     bd.data_ptr(), bd.stride(0), bsc.data_ptr(), bsc.stride(0), N, K, alpha, c.data_ptr(), c.stride(0),
+                     ctype, acc, ws.data_ptr(), ws_bytes, lt.data_ptr(), LT_WORKSPACE_BYTES,
+                     monitor.counter(dev).data_ptr(), _SCALINGS[scaling], stream)
+    if used != _SCALINGS[scaling]:
+        _warn_once("rows_unsupported", f"megatron_mxfp4: cuBLASLt has no FP8 GEMM with per-row scales for M={M} "
+                                       f"N={N} K={K} ({c.dtype} output); such calls use 1x128 tile scales (slower)")
     monitor.after_call(dev)
     return c
 

@@ -24,6 +24,12 @@ All-zero blocks do not count for e_max or the span (their exponent is irrelevant
 NaN scale (0xFF) makes its whole tile's scale NaN, so the GEMM's row turns NaN as in the reference.
 A tile without any non-zero finite block gets e_max = 0.
 
+**Hopper, per-row scales** (`to_e4m3_rows_reference`): every block exponent of a row folded into its
+codes relative to one exponent per row, E4M3's headroom above the E2M1 range used as well (6 · 2^6 = 384),
+so a row may span 14 binades; the row scale is a float32 vector that cuBLASLt's outer-vector FP8 scaling
+applies in the epilogue, the FP8 GEMM's fastest scaled mode. A row spanning more is flagged and added
+exactly by the GEMM (per-row fallback).
+
 **Blackwell: E8M0 scales in the 128×4 swizzled layout** (`blackwell_scale_layout`) that cuBLASLt's
 1-D block scaling (and `torch._scaled_mm` with `float4_e2m1fn_x2`) reads: the [R, K/32] scale
 matrix is padded to [ceil(R/128)·128, ceil(K/32/4)·4]; each 128×4 block is stored as 512
@@ -143,6 +149,84 @@ def _to_e4m3_natural(t: MXFP4Tensor, tile: int) -> E4M3Operand:
     tile_nan = nan_blk.reshape(R, nt, per).any(-1)
     scale = torch.where(tile_nan, torch.full(e_top.shape, float("nan"), device=e.device), _pow2(e_top))
     return E4M3Operand(folded.reshape(R, kp).to(torch.float8_e4m3fn), scale.t().contiguous(), bad, tile, K)
+
+
+@dataclass(frozen=True)
+class E4M3RowOperand:
+    """An MXFP4 operand as FP8 E4M3 codes + one float32 scale per row (the "rows" layout, see
+    `to_e4m3_rows_reference`).
+
+    codes [Ro, Kt] float8_e4m3fn (Kt = K rounded up to 128, zero-padded; rows past R zero);
+    scales [Ro] float32: 2^E_r · mult (NaN for a row with a NaN block, 0 for a flagged row or a padding row);
+    flagged [Ro] bool: rows whose live blocks span more than `MAX_ROW_SPAN` binades (codes zero, scale 0:
+    a GEMM on this layout must add those rows' products exactly); k = K.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    flagged: torch.Tensor
+    k: int
+
+
+#: Binades by which an E2M1 value may be raised in E4M3 (6 · 2^6 = 384 <= 448, its largest finite value).
+ROW_HEADROOM = 6
+#: Largest number of binades a non-zero block may lie below its row's top block for the row fold to be
+#: exact: the top block is raised by `ROW_HEADROOM`, the lowest may fall to E4M3's smallest subnormal 2^-9
+#: (0.5 · 2^-8), so blocks from e_top - 14 to e_top fit.
+MAX_ROW_SPAN = ROW_HEADROOM + MAX_TILE_SPAN
+#: Smallest row exponent E_r used (2^E_r stays a normal float32).
+_ROW_EXP_MIN = -126
+
+
+def to_e4m3_rows_reference(t: MXFP4Tensor, mult: float = 1.0, rows_out: int = None) -> E4M3RowOperand:
+    """[R, K] MXFP4Tensor (quantized along K) -> E4M3 codes with every block exponent folded in relative to
+    one exponent per row, for an FP8 GEMM with per-row (outer-vector) scales.
+
+    E_r = max(e_top - 6, -126) with e_top the largest exponent among the row's live blocks (a non-zero code,
+    a finite scale); 0 when there is none. A live block j becomes codes v · 2^(e_j - E_r), exact in E4M3
+    while e_j - E_r >= -8; a row with a live block further down is *flagged* (codes zero, scale 0). Blocks
+    with the NaN scale are zero codes and make the row's scale NaN (the GEMM's row turns NaN as in the
+    reference). Scale = float32(2^E_r · mult). Rows R .. rows_out - 1 are zero codes with scale 0.
+    The reference twin of the CUDA kernel `cuda_tiles.to_e4m3_rows`, bit for bit.
+    """
+    _check_operand(t)
+    R, K = t.padded_shape
+    ro = R if rows_out is None else max(int(rows_out), R)
+    kt = -(-K // TILE) * TILE
+    codes = t.codes().to(torch.int64)                       # [R, K]
+    vals = fmt.e2m1_table(codes.device)[codes]              # E2M1 values, float32
+    s = t.scales.to(torch.int32)                            # [R, K/32]
+    nb = K // fmt.BLOCK
+    nan_blk = s == fmt.E8M0_NAN
+    e = s - fmt.E8M0_BIAS
+    live = (vals.reshape(R, nb, fmt.BLOCK) != 0).any(-1) & ~nan_blk
+    big = torch.full_like(e, 1000)
+    e_top = torch.where(live, e, -big).amax(-1, keepdim=True) if nb else torch.full((R, 1), -1000, dtype=torch.int32)
+    e_low = torch.where(live, e, big).amin(-1, keepdim=True) if nb else torch.full((R, 1), 1000, dtype=torch.int32)
+    has = e_top > -1000
+    e_row = torch.where(has, (e_top - ROW_HEADROOM).clamp(min=_ROW_EXP_MIN), torch.zeros_like(e_top))  # [R, 1]
+    flagged = (has & (e_low - e_row < -MAX_TILE_SPAN)).squeeze(1)
+    row_nan = nan_blk.any(-1) if nb else torch.zeros(R, dtype=torch.bool)
+    flagged &= ~row_nan                                     # a NaN row's output is NaN either way
+    d = (e - e_row).clamp(-30, ROW_HEADROOM)
+    folded = vals.reshape(R, nb, fmt.BLOCK) * _pow2(d).unsqueeze(-1)
+    keep = (live & ~flagged.unsqueeze(1)).unsqueeze(-1) & (folded != 0)   # zero codes are +0
+    folded = torch.where(keep, folded, torch.zeros_like(folded)).reshape(R, K)
+    scale = (_pow2(e_row.squeeze(1)) * torch.tensor(mult, dtype=torch.float32)).to(torch.float32)
+    scale = torch.where(flagged, torch.zeros_like(scale), scale)
+    scale = torch.where(row_nan, torch.full_like(scale, float("nan")), scale)
+    out = torch.zeros((ro, kt), dtype=torch.float32, device=vals.device)
+    out[:R, :K] = folded
+    scales = torch.zeros(ro, dtype=torch.float32, device=vals.device)
+    scales[:R] = scale
+    flags = torch.zeros(ro, dtype=torch.bool, device=vals.device)
+    flags[:R] = flagged
+    return E4M3RowOperand(out.to(torch.float8_e4m3fn), scales, flags, K)
+
+
+def e4m3_rows_dequantize(op: E4M3RowOperand) -> torch.Tensor:
+    """codes · row scale as float32 [Ro, K] (flagged rows read as zero)."""
+    return (op.codes.to(torch.float32) * op.scales.unsqueeze(1))[:, :op.k]
 
 
 def e4m3_dequantize(op: E4M3Operand) -> torch.Tensor:

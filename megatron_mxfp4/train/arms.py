@@ -30,7 +30,7 @@ ARMS: Dict[str, Arm] = {a.name: a for a in (
     Arm("bf16", None, "BF16 forward and backward (stock megatron-core linears)"),
     Arm("fp8", _R(forward="fp8", backward_format="fp8"),
         "FP8 E4M3 forward and backward GEMMs, per-tensor current scaling (torch._scaled_mm)"),
-    Arm("te-fp8", None, "Transformer Engine FP8 (hybrid E4M3/E5M2, current scaling), TE linears", te_fp8=True),
+    Arm("te-fp8", None, "Transformer Engine FP8 (hybrid E4M3/E5M2, delayed scaling, amax history 16), TE linears", te_fp8=True),
     Arm("mxfp4", _R(rounding="rtn", rht_block=0), "MXFP4 backward, round-to-nearest, no Hadamard"),
     Arm("mxfp4-sr", _R(rounding="sr", rht_block=0), "MXFP4 backward, stochastic rounding, no Hadamard"),
     Arm("mxfp4-rht", _R(rounding="rtn", rht_block=64), "MXFP4 backward, random Hadamard g=64, round-to-nearest"),

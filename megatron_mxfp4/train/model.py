@@ -110,8 +110,8 @@ def transformer_config(cfg, arm: Arm, dtype: torch.dtype, tp: int, sequence_para
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     kw = {"add_bias_linear": True}
-    if arm.te_fp8:
-        kw.update(fp8="hybrid", fp8_recipe="tensorwise")
+    if arm.te_fp8:  # TE's delayed scaling, as the FP8 baseline of bench/ (te_fp8_delayed: amax history 16, max)
+        kw.update(fp8="hybrid", fp8_recipe="delayed", fp8_amax_history_len=16, fp8_amax_compute_algo="max")
     if cfg.experts:
         # the allgather dispatcher runs anywhere (alltoall's needs CUDA streams); no linear biases:
         # megatron-core 0.19's expert MLP adds its bias in place onto a custom Function's output view

@@ -1,6 +1,7 @@
 """A small quantize workload for compute-sanitizer (tests/gpu/run.sh): every kernel mode, partial
 tiles, padded rows, zero-padded edges, drawn signs, device seed/offset, and the E4M3-tile conversion (partial tiles and
-row groups, a flagged slab). Exits non-zero on any mismatch."""
+row groups, a flagged slab), the E4M3-row conversion and the native Hopper GEMM in both scalings (flagged rows
+and slabs, shapes staged for cuBLASLt). Exits non-zero on any mismatch."""
 import torch
 
 from megatron_mxfp4.numerics.quantize import quantize_reference
@@ -43,6 +44,25 @@ def main():
         oa, ob, bad = cuda_tiles.tile_operands(a, a)
         ref = layouts.to_e4m3_reference(a, 128)
         ok &= torch.equal(ob.codes.view(torch.uint8), ref.codes.view(torch.uint8)) and bool(bad[0]) == bool(ref.bad[0])
+    for rows, k in ((37, 96), (5, 4160)):
+        x = torch.randn(rows, k, device="cuda")
+        x[1, :32] *= 2.0 ** -20  # row 1 spans > 14 binades: flagged
+        a = quantize_reference(x, -1, rounding="sr", seed=1)
+        got, listed = cuda_tiles.to_e4m3_rows(a, rows_out=rows + 3)
+        ref = layouts.to_e4m3_rows_reference(a, rows_out=rows + 3)
+        ok &= torch.equal(got.codes.view(torch.uint8), ref.codes.view(torch.uint8)) and listed.tolist() == [1]
+    from megatron_mxfp4.ops import hopper_gemm as hg
+
+    if torch.cuda.get_device_capability() == (9, 0) and hg.native_reason() is None:
+        for m, n, k in ((37, 21, 96), (64, 48, 4160)):
+            x, y = torch.randn(m, k, device="cuda"), torch.randn(n, k, device="cuda")
+            x[1, :32] *= 2.0 ** -20
+            y[2, 32:64] *= 2.0 ** -20
+            a, b = quantize_reference(x, -1, seed=1), quantize_reference(y, -1, seed=2)
+            ref = a.dequantize(unscaled=True).double() @ b.dequantize(unscaled=True).double().t()
+            for scaling in ("rows", "tiles"):
+                c = hg._native_gemm(a, b, torch.float32, 1.0, None, scaling=scaling)
+                ok &= ((c.double() - ref).norm() / ref.norm()).item() < 5e-4
     torch.cuda.synchronize()
     print("sanitize workload:", "ok" if ok else "MISMATCH")
     raise SystemExit(0 if ok else 1)

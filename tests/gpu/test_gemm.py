@@ -142,9 +142,12 @@ def test_cross_scaled_slabs_use_the_exact_fallback(backend):
 
 
 @hopper_only
-def test_fast_path_error_is_from_mixed_tile_scales_only():
+def test_fast_path_error_is_from_mixed_tile_scales_only(monkeypatch):
     """Control: with one exponent per tile (spread 0) the 1x128 path is exact too; with spread 8 it is
     measurably inexact yet within the stated 5e-4 — so the test above can fail."""
+    import megatron_mxfp4.ops.hopper_gemm as hg
+
+    monkeypatch.setattr(hg, "SCALING", "tiles")
     M, N, K = 512, 512, 2048
     e0 = rel(mxfp4_gemm(make_operand(M, K, 0, 1), make_operand(N, K, 0, 2), backend="hopper"),
              exact64(make_operand(M, K, 0, 1), make_operand(N, K, 0, 2)))
@@ -361,10 +364,11 @@ def _native_or_skip():
 
 @pytest.mark.parametrize("M, N, K", [(256, 384, 768), (200, 136, 96), (8, 40, 4096), (1, 1, 32), (2048, 512, 2048)])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_native_gemm_equals_the_python_steps(M, N, K, out_dtype):
-    """One extension call = conversions + mask + cuBLASLt + fix issued from Python, bit for bit (aligned and
-    padded M/N, K not a multiple of 128, every output type)."""
+def test_native_gemm_equals_the_python_steps(M, N, K, out_dtype, monkeypatch):
+    """With tile scaling, one extension call = conversions + mask + cuBLASLt + fix issued from Python, bit for
+    bit (aligned and padded M/N, K not a multiple of 128, every output type)."""
     hg = _native_or_skip()
+    monkeypatch.setattr(hg, "SCALING", "tiles")
     a, b = make_operand(M, K, 5, 41, mode="row"), make_operand(N, K, 5, 42, mode="row")
     native = hg.hopper_gemm(a, b, out_dtype=out_dtype, alpha=0.37)
     steps = hg.scaled_mm_gemm(a, b, out_dtype=out_dtype, alpha=0.37)
@@ -373,8 +377,9 @@ def test_native_gemm_equals_the_python_steps(M, N, K, out_dtype):
 
 
 @pytest.mark.parametrize("M, N", [(256, 384), (200, 136)])
-def test_native_gemm_accumulates_into_main_grad(M, N):
+def test_native_gemm_accumulates_into_main_grad(M, N, monkeypatch):
     hg = _native_or_skip()
+    monkeypatch.setattr(hg, "SCALING", "tiles")
     K = 512
     a, b = make_operand(M, K, 5, 43, mode="row"), make_operand(N, K, 5, 44, mode="row")
     main = torch.randn(M, N, device=DEV)
@@ -390,10 +395,11 @@ def test_native_gemm_accumulates_into_main_grad(M, N):
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-def test_native_slab_fix_equals_the_triton_fix(out_dtype):
+def test_native_slab_fix_equals_the_triton_fix(out_dtype, monkeypatch):
     """Flagged slabs (tiles spanning 30 binades) are added by the CUDA fix kernel exactly as by the Triton one,
     and counted."""
     hg = _native_or_skip()
+    monkeypatch.setattr(hg, "SCALING", "tiles")
     M, N, K = 256, 128, 512
     a, b = make_operand(M, K, 0, seed=11), make_operand(N, K, 0, seed=12)
     sa, sb = a.scales.clone(), b.scales.clone()
@@ -408,11 +414,125 @@ def test_native_slab_fix_equals_the_triton_fix(out_dtype):
     assert rel(native, exact64(a, b)) <= (EXACT_TOL if out_dtype == torch.float32 else 4e-3)
 
 
-def test_native_gemm_propagates_nan():
+@pytest.mark.parametrize("scaling", ["rows", "tiles"])
+def test_native_gemm_propagates_nan(scaling, monkeypatch):
     hg = _native_or_skip()
+    monkeypatch.setattr(hg, "SCALING", scaling)
     a, b = make_operand(64, 256, 2, 51, mode="row"), make_operand(48, 256, 2, 52, mode="row")
     sa = a.scales.clone()
     sa[5, 3] = 0xFF
     a = MXFP4Tensor(a.data, sa, a.prescale, 1, a.shape)
     c = hg.hopper_gemm(a, b)
     assert torch.isnan(c[5]).all() and not torch.isnan(torch.cat([c[:5], c[6:]])).any()
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-row scaling (csrc/mxfp4_rows.cu + cuBLASLt's outer-vector FP8 GEMM + the per-row fix)
+# ------------------------------------------------------------------------------------------------
+
+def _row_operand(rows, k, seed):
+    """A random operand (rows span 4 binades) with a NaN block (row 5), a row spanning 15 binades (row 9,
+    flagged), one spanning exactly 14 (row 10, kept), a far-down all-zero block (row 3) and -0 codes."""
+    t = make_operand(rows, k, 4, seed=seed, mode="row", zero_frac=0.1)
+    s, data = t.scales.clone(), t.data.clone()
+    top = s.int().amax(1)
+    s[5, 1] = fmt.E8M0_NAN
+    s[9, 1], s[9, 0], data[9, :32] = top[9] - 15, top[9], 0x22
+    s[10, 1], s[10, 0], data[10, :32] = top[10] - 14, top[10], 0x22
+    s[3, 2], data[3, 32:48] = 1, 0
+    data[11, 16:32] = 0x88
+    data[12, 40:48] = 0x8F
+    return MXFP4Tensor(data, s, t.prescale, 1, t.shape)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("rows,k", [(333, 96), (333, 1024), (64, 4160), (13, 128), (40, 16384)])
+def test_cuda_row_conversion_is_bit_exact(rows, k):
+    from megatron_mxfp4.ops import cuda_tiles
+
+    t = _row_operand(rows, k, seed=rows + k)
+    for mult, rows_out in ((1.0, None), (16.0 / 9.0, rows + 5)):
+        ref = L.to_e4m3_rows_reference(t, mult=mult, rows_out=rows_out)
+        got, listed = cuda_tiles.to_e4m3_rows(t, mult=mult, rows_out=rows_out)
+        assert torch.equal(got.codes.view(torch.uint8), ref.codes.view(torch.uint8).to(DEV))
+        assert torch.equal(got.scales.view(torch.int32), ref.scales.view(torch.int32).to(DEV))
+        assert torch.equal(got.flagged, ref.flagged.to(DEV))
+        assert sorted(listed.tolist()) == ref.flagged.nonzero().flatten().tolist() == [9]
+    # a view with a row stride larger than K/2 (every other row) gives the same codes as its copy
+    half = MXFP4Tensor(t.data[::2], t.scales[::2], t.prescale, 1, (t.data[::2].shape[0], k))
+    assert torch.equal(cuda_tiles.to_e4m3_rows(half)[0].codes.view(torch.uint8),
+                       L.to_e4m3_rows_reference(half).codes.view(torch.uint8))
+
+
+@pytest.mark.parametrize("spread", [0, 4, 8, 14])
+def test_rows_gemm_within_the_fast_bound(spread):
+    """Per-row scaling: exact with one exponent per row, within DESIGN §2.5's 5e-4 up to the 14-binade span,
+    and no fix needed."""
+    hg = _native_or_skip()
+    M, N, K = 512, 384, 2048
+    a = make_operand(M, K, spread, seed=300 + spread, mode="row")
+    b = make_operand(N, K, spread, seed=400 + spread, mode="row", top=3)
+    before = hg.monitor.calls_with_fallback(DEV)
+    c = hg._native_gemm(a, b, torch.float32, gemm_alpha(a, b, 1.0), None, scaling="rows")
+    assert hg.monitor.calls_with_fallback(DEV) == before
+    err = rel(c, exact64(a, b))
+    ERRORS[f"hopper_rows/row{spread}"] = err
+    assert err <= (EXACT_TOL if spread == 0 else FAST_TOL), f"spread {spread}: {err:.3e}"
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M, N", [(256, 384), (200, 136)])
+def test_rows_gemm_adds_flagged_rows_exactly(out_dtype, M, N):
+    """Rows of A and of B spanning more than 14 binades are excluded from the FP8 GEMM and added exactly by the
+    fix kernel (counted); a row flagged in both operands is added once. Control: without the fix those rows
+    and columns would be zero."""
+    hg = _native_or_skip()
+    K = 1024
+    a, b = make_operand(M, K, 3, 51, mode="row"), make_operand(N, K, 3, 52, mode="row")
+    sa, sb = a.scales.clone(), b.scales.clone()
+    fa, fb = [0, 17, M - 1], [3, N - 2]
+    for r in fa:
+        sa[r, 5] -= 20
+    for r in fb:
+        sb[r, 7] -= 20
+    a = MXFP4Tensor(a.data, sa, a.prescale, 1, a.shape)
+    b = MXFP4Tensor(b.data, sb, b.prescale, 1, b.shape)
+    ref = exact64(a, b, alpha=0.37)
+    before = hg.monitor.calls_with_fallback(DEV)
+    c = hg._native_gemm(a, b, out_dtype, gemm_alpha(a, b, 0.37), None, scaling="rows")
+    assert hg.monitor.calls_with_fallback(DEV) == before + 1
+    exact_tol = EXACT_TOL if out_dtype == torch.float32 else 4e-3
+    for r in fa:
+        assert rel(c[r], ref[r]) <= exact_tol
+    for col in fb:
+        assert rel(c[:, col], ref[:, col]) <= exact_tol
+    assert rel(c, ref) <= (FAST_TOL if out_dtype == torch.float32 else 4e-3)
+    ERRORS[f"hopper_rows/flagged_{M}x{N}_{str(out_dtype)[6:]}"] = rel(c, ref)
+    # accumulate into an FP32 main_grad: aligned, and an unaligned view (staged)
+    main = torch.randn(M, N, device=DEV)
+    start = main.clone()
+    hg._native_gemm(a, b, torch.float32, gemm_alpha(a, b, 0.37), main, scaling="rows")
+    assert rel(main - start, ref) <= FAST_TOL
+    assert rel((main - start)[fa], ref[fa]) <= 2e-6
+    flat = torch.randn(M * N + 3, device=DEV)
+    view = flat[3:].view(M, N)
+    start = view.clone()
+    hg._native_gemm(a, b, torch.float32, gemm_alpha(a, b, 0.37), view, scaling="rows")
+    assert rel(view - start, ref) <= FAST_TOL and rel((view - start)[:, fb], ref[:, fb]) <= 2e-6
+
+
+def test_rows_gemm_on_quantized_gradients_and_odd_shapes():
+    """The real pipeline's operands (RHT + SR, outlier columns) and shapes cuBLASLt needs padded."""
+    hg = _native_or_skip()
+    g = torch.Generator(device=DEV).manual_seed(6)
+    for M, N, K in ((512, 768, 2048), (200, 136, 96), (1, 1, 32), (8, 40, 4096)):
+        x = torch.randn(M, K, generator=g, device=DEV).to(torch.bfloat16)
+        w = torch.randn(N, K, generator=g, device=DEV).to(torch.bfloat16)
+        x[:, ::97] *= 300.0
+        signs = torch.where(torch.rand(64, generator=g, device=DEV) < 0.5, -1.0, 1.0)
+        a = quantize_reference(x, rounding="sr", rht_block=64 if K % 64 == 0 else 0, signs=signs, seed=1, offset=2)
+        b = quantize_reference(w, rounding="sr", rht_block=64 if K % 64 == 0 else 0, signs=signs, seed=1, offset=3)
+        c = hg._native_gemm(a, b, torch.float32, gemm_alpha(a, b, 1.0), None, scaling="rows")
+        err = rel(c, exact64(a, b))
+        ERRORS[f"hopper_rows/quantized_{M}x{N}x{K}"] = err
+        assert c.shape == (M, N) and err <= FAST_TOL, (M, N, K, err)

@@ -33,6 +33,20 @@ def test_arms_table_maps_names_to_recipes():
     assert a.recipe.seed == 7 and a.recipe.backend == "reference"
 
 
+def test_te_fp8_arm_uses_delayed_scaling():
+    """The te-fp8 arm is the FP8 baseline users run: Transformer Engine's delayed scaling (hybrid E4M3/E5M2,
+    amax history 16, max), as bench/'s te_fp8_delayed; no other arm sets FP8 in megatron-core's config."""
+    import torch
+
+    from megatron_mxfp4.train.model import transformer_config
+
+    cfg = PRESETS["tiny"]
+    c = transformer_config(cfg, ARMS["te-fp8"], torch.float32, 1, False)
+    assert (c.fp8, str(c.fp8_recipe).rsplit(".", 1)[-1], c.fp8_amax_history_len, c.fp8_amax_compute_algo) == \
+        ("hybrid", "delayed", 16, "max")
+    assert transformer_config(cfg, ARMS["bf16"], torch.float32, 1, False).fp8 is None
+
+
 def test_arm_and_seed_parsing_errors():
     assert [a.name for a in parse_arms("bf16, mxfp4")] == ["bf16", "mxfp4"]
     with pytest.raises(ValueError, match="unknown arm.*'fp4'.*choose from"):
