@@ -2,7 +2,10 @@
 
 For each shape (T tokens, in → out) and arm, side by side in one run:
   nn_linear       torch.nn.Linear in BF16 (the floor a layer's host path is held to)
-  mxfp4_bf16fwd   MXFP4Linear, BF16 forward + MXFP4 backward (default recipe: SR, RHT g = 64)
+  mxfp4_bf16fwd   MXFP4Linear, BF16 forward + MXFP4 backward (default recipe: SR, RHT g = 64); its backward is
+                  one native call where that applies (`backward.fused_backward`)
+  mxfp4_steps     mxfp4_bf16fwd with the one-call backward off: three quantize calls and two GEMM calls from
+                  Python (the path before it; same bits)
   mxfp4_fp8fwd    MXFP4Linear with recipe.forward = "fp8"
   mxfp4_graph     mxfp4_bf16fwd with recipe.cuda_graphs, forward + backward captured once in a CUDA graph:
                   the host's cost is one `replay()` (GPU only; skipped on a CPU)
@@ -34,10 +37,25 @@ from megatron_mxfp4 import MXFP4Linear, MXFP4Recipe  # noqa: E402
 ARMS = {
     "nn_linear": None,
     "mxfp4_bf16fwd": MXFP4Recipe(),
+    "mxfp4_steps": MXFP4Recipe(),
     "mxfp4_fp8fwd": MXFP4Recipe(forward="fp8"),
     "mxfp4_graph": MXFP4Recipe(cuda_graphs=True),
 }
 GRAPH_ARMS = ("mxfp4_graph",)
+STEPS_ARMS = ("mxfp4_steps",)
+
+
+class _steps_only:
+    """Within: every backward takes the Python steps (`backward.fused_backward` answers None)."""
+
+    def __enter__(self):
+        from megatron_mxfp4 import backward as bwd
+
+        self._bwd, self._fused = bwd, bwd.fused_backward
+        bwd.fused_backward = lambda *a, **k: None
+
+    def __exit__(self, *exc):
+        self._bwd.fused_backward = self._fused
 
 
 def build(arm: str, din: int, dout: int, device, dtype):
@@ -55,6 +73,13 @@ def _sync(device):
 
 
 def measure_arm(arm: str, t: int, din: int, dout: int, device, iters: int, warmup: int) -> dict:
+    if arm in STEPS_ARMS:
+        with _steps_only():
+            return _measure(arm, t, din, dout, device, iters, warmup)
+    return _measure(arm, t, din, dout, device, iters, warmup)
+
+
+def _measure(arm: str, t: int, din: int, dout: int, device, iters: int, warmup: int) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     layer = build(arm, din, dout, device, dtype)
     x = torch.randn(t, din, device=device, dtype=dtype, requires_grad=True)

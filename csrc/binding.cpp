@@ -4,6 +4,7 @@
 
 #include <pybind11/pybind11.h>
 
+#include "mxfp4_backward_hopper.h"
 #include "mxfp4_fp8_cast.h"
 #include "mxfp4_gemm_hopper.h"
 #include "mxfp4_quantize.h"
@@ -150,6 +151,68 @@ void fp8_cast(uintptr_t x_a, int dtype_a, int64_t n_a, uintptr_t codes_a, uintpt
   mxfp4::fp8_cast(ops, count, inv_max, ptr<int32_t>(work), reinterpret_cast<cudaStream_t>(stream));
 }
 
+int backward_hopper(uintptr_t dy, int dy_dtype, int64_t ld_dy, uintptr_t x, int x_dtype, int64_t ld_x, uintptr_t w,
+                    int w_dtype, int64_t ld_w, int64_t t, int64_t in, int64_t out, int rht_block, bool stochastic,
+                    float prescale, float hadamard_scale, uintptr_t seed_ptr, uint64_t seed, uintptr_t off_dd_ptr,
+                    uint64_t off_dd, uintptr_t off_dw_ptr, uint64_t off_dw, uintptr_t off_wd_ptr, uint64_t off_wd,
+                    uintptr_t off_wx_ptr, uint64_t off_wx, uintptr_t signs_dgrad, uintptr_t signs_wgrad,
+                    float alpha_dgrad, float alpha_wgrad, uintptr_t dx, int64_t ldx, int dx_type, uintptr_t dw,
+                    int64_t lddw, int dw_type, bool accumulate, int scaling, uintptr_t workspace,
+                    uint64_t workspace_size, uintptr_t lt_workspace, uint64_t lt_workspace_size, uintptr_t counter,
+                    uintptr_t stream) {
+  mxfp4::BackwardParams p;
+  p.dy = {ptr<const void>(dy), ld_dy, static_cast<mxfp4::DType>(dy_dtype)};
+  p.x = {ptr<const void>(x), ld_x, static_cast<mxfp4::DType>(x_dtype)};
+  p.w = {ptr<const void>(w), ld_w, static_cast<mxfp4::DType>(w_dtype)};
+  p.t = t;
+  p.in = in;
+  p.out = out;
+  p.rht_block = rht_block;
+  p.stochastic = stochastic;
+  p.prescale = prescale;
+  p.hadamard_scale = hadamard_scale;
+  p.seed = {ptr<const int64_t>(seed_ptr), seed};
+  p.off_dgrad_dy = {ptr<const int64_t>(off_dd_ptr), off_dd};
+  p.off_dgrad_w = {ptr<const int64_t>(off_dw_ptr), off_dw};
+  p.off_wgrad_dy = {ptr<const int64_t>(off_wd_ptr), off_wd};
+  p.off_wgrad_x = {ptr<const int64_t>(off_wx_ptr), off_wx};
+  p.signs_dgrad = ptr<const float>(signs_dgrad);
+  p.signs_wgrad = ptr<const float>(signs_wgrad);
+  p.alpha_dgrad = alpha_dgrad;
+  p.alpha_wgrad = alpha_wgrad;
+  p.dx = ptr<void>(dx);
+  p.ldx = ldx;
+  p.dx_type = static_cast<mxfp4::OutType>(dx_type);
+  p.dw = ptr<void>(dw);
+  p.lddw = lddw;
+  p.dw_type = static_cast<mxfp4::OutType>(dw_type);
+  p.accumulate = accumulate;
+  p.scaling = static_cast<mxfp4::Scaling>(scaling);
+  p.workspace = ptr<void>(workspace);
+  p.workspace_size = workspace_size;
+  p.lt_workspace = ptr<void>(lt_workspace);
+  p.lt_workspace_size = lt_workspace_size;
+  p.counter = ptr<int32_t>(counter);
+  return static_cast<int>(mxfp4::backward_hopper(p, reinterpret_cast<cudaStream_t>(stream)));
+}
+
+uint64_t backward_hopper_workspace_size(int64_t t, int64_t in, int64_t out, int rht_block, uintptr_t dx, int64_t ldx,
+                                        int dx_type, uintptr_t dw, int64_t lddw, int dw_type, bool accumulate) {
+  mxfp4::BackwardParams p;
+  p.t = t;
+  p.in = in;
+  p.out = out;
+  p.rht_block = rht_block;
+  p.dx = ptr<void>(dx);
+  p.ldx = ldx;
+  p.dx_type = static_cast<mxfp4::OutType>(dx_type);
+  p.dw = ptr<void>(dw);
+  p.lddw = lddw;
+  p.dw_type = static_cast<mxfp4::OutType>(dw_type);
+  p.accumulate = accumulate;
+  return mxfp4::backward_hopper_workspace_size(p);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_mxfp4_cuda, m) {
@@ -189,6 +252,16 @@ PYBIND11_MODULE(_mxfp4_cuda, m) {
         "fp8_cast(x_a, dtype_a, n_a, codes_a, scale_a, x_b, dtype_b, n_b, codes_b, scale_b, count, inv_max, work, "
         "stream): per-tensor current-scaling E4M3 cast of 1 or 2 contiguous operands in two launches "
         "(csrc/mxfp4_fp8_cast.h).");
+  m.def("backward_hopper", &backward_hopper, py::call_guard<py::gil_scoped_release>(),
+        "backward_hopper(dy, dy_dtype, ld_dy, x, x_dtype, ld_x, w, w_dtype, ld_w, t, in, out, rht_block, stochastic, "
+        "prescale, hadamard_scale, seed_ptr, seed, [ptr, value] x 4 offsets (dgrad dY, dgrad W, wgrad dY, wgrad X), "
+        "signs_dgrad, signs_wgrad, alpha_dgrad, alpha_wgrad, dx, ldx, dx_type, dw, lddw, dw_type, accumulate, "
+        "scaling, workspace, workspace_size, lt_workspace, lt_workspace_size, counter, stream): a linear layer's "
+        "MXFP4 backward (three quantizers, two Hopper GEMMs) in one call (csrc/mxfp4_backward_hopper.h). Returns "
+        "the scaling the GEMMs used.");
+  m.def("backward_hopper_workspace_size", &backward_hopper_workspace_size,
+        "backward_hopper_workspace_size(t, in, out, rht_block, dx, ldx, dx_type, dw, lddw, dw_type, accumulate): "
+        "bytes of workspace backward_hopper needs.");
   m.def("gemm_hopper_available", &mxfp4::gemm_hopper_available,
         "True when the extension links cuBLASLt (gemm_hopper can run).");
 }

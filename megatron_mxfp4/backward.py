@@ -30,10 +30,11 @@ from typing import Optional
 import torch
 
 from . import diagnostics
-from .numerics.quantize import FLOAT_DTYPES, MXFP4Tensor
+from .numerics.quantize import FLOAT_DTYPES, MXFP4Tensor, resolve_prescale
 from .numerics.rht import draw_signs
 from .numerics.streams import MASK64, Gemm, Operand, stream_offset
 from .ops import fp8_matmul, mxfp4_gemm, quantize_mxfp4, quantize_mxfp4_dual
+from .ops.dispatch import selected_backend
 from .recipe import MXFP4Recipe
 
 
@@ -248,6 +249,39 @@ def wgrad(dy: torch.Tensor, x: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey
 
 def _accumulate(dw: torch.Tensor, into: Optional[torch.Tensor]) -> torch.Tensor:
     return dw if into is None else into.add_(dw)
+
+
+def fused_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey,
+                   dx_dtype: torch.dtype, dw_dtype: torch.dtype,
+                   accumulate_into: Optional[torch.Tensor] = None):
+    """(dX, dW) of `dgrad` and `wgrad` (dX in dx_dtype; dW in dw_dtype, or added to `accumulate_into`) in one
+    native call (`ops.hopper_backward`) where it applies: both GEMMs in MXFP4, the dispatcher's choice the
+    compiled quantizer and the `hopper` GEMM, no diagnostics sampling or guard override, operands it reads as
+    they are. The same kernels with the same arguments as the two Python calls, so the same bits; None where
+    it does not apply (the caller then runs `grad_input` and `grad_weight`). dy [T, out], x [T, in],
+    weight [out, in]."""
+    if not (dy.is_cuda and recipe.dgrad and recipe.wgrad and recipe.backward_format == "mxfp4"):
+        return None
+    if diagnostics.sampling() or not (diagnostics.gemm_quantized(key.name, "dgrad")
+                                      and diagnostics.gemm_quantized(key.name, "wgrad")):
+        return None
+    from .ops import hopper_backward as hb  # the kernel layer's native entry point (CUDA builds only)
+
+    if not hb.supported(dy, x, weight, accumulate_into):
+        return None
+    if (selected_backend("quantize", recipe.quantize_backend, dy) != "cuda"
+            or selected_backend("dual", recipe.quantize_backend, dy) != "cuda"
+            or selected_backend("gemm", recipe.gemm_backend, dy) != "hopper"):
+        return None
+    g = recipe.effective_rht_block
+    signs = [_dual_signs(recipe, key, gemm, dy.device) for gemm in (Gemm.DGRAD, Gemm.WGRAD)]
+    signs = [None if s is None else s.to(torch.float32).contiguous() for s in signs]
+    offsets = (key.offset(Gemm.DGRAD, Operand.GRAD_OUTPUT), key.offset(Gemm.DGRAD, Operand.WEIGHT),
+               key.offset(Gemm.WGRAD, Operand.GRAD_OUTPUT), key.offset(Gemm.WGRAD, Operand.INPUT))
+    return hb.backward_gemms(dy, x, weight, rht_block=g, stochastic=recipe.rounding == "sr",
+                             prescale=resolve_prescale(recipe.rounding, None), seed=key.seed, offsets=offsets,
+                             signs_dgrad=signs[0], signs_wgrad=signs[1], dx_dtype=dx_dtype, dw_dtype=dw_dtype,
+                             accumulate_into=accumulate_into)
 
 
 def grad_input(dy: torch.Tensor, weight: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey,

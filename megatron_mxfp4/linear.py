@@ -60,11 +60,17 @@ class MXFP4LinearFunction(torch.autograd.Function):
         dy2d = bwd.as_tokens(dy)
         x2d = bwd.as_tokens(x)
         dx = dw = db = None
-        qd, qw = bwd.grad_output_operands(dy2d, recipe, key, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        if ctx.needs_input_grad[0]:
-            dx = bwd.grad_input(dy2d, weight, recipe, key, qdy=qd, out_dtype=x.dtype).to(x.dtype).reshape(x.shape)
-        if ctx.needs_input_grad[1]:
-            dw = bwd.grad_weight(dy2d, x2d, recipe, key, qdy=qw, out_dtype=weight.dtype).to(weight.dtype)
+        fused = None
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:  # both GEMMs in one native call where it applies
+            fused = bwd.fused_backward(dy2d, x2d, weight, recipe, key, x.dtype, weight.dtype)
+        if fused is not None:
+            dx, dw = fused[0].reshape(x.shape), fused[1]
+        else:
+            qd, qw = bwd.grad_output_operands(dy2d, recipe, key, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+            if ctx.needs_input_grad[0]:
+                dx = bwd.grad_input(dy2d, weight, recipe, key, qdy=qd, out_dtype=x.dtype).to(x.dtype).reshape(x.shape)
+            if ctx.needs_input_grad[1]:
+                dw = bwd.grad_weight(dy2d, x2d, recipe, key, qdy=qw, out_dtype=weight.dtype).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2d.sum(0)
         return dx, dw, db, None, None

@@ -24,7 +24,7 @@ import csrc_build  # noqa: E402
 NVCC = csrc_build.nvcc_path()
 ARCHS = ("90a", "100a")
 SUBSET = ("binding.cpp", "mxfp4_quantize.cu", "mxfp4_quantize_bf16_dual.cu", "mxfp4_quantize_f32_dual.cu",
-          "mxfp4_quantize_f16_dual.cu", "mxfp4_tiles.cu", "mxfp4_rows.cu", "mxfp4_fp8_cast.cu",
+          "mxfp4_quantize_f16_dual.cu", "mxfp4_tiles.cu", "mxfp4_rows.cu", "mxfp4_fp8_cast.cu", "mxfp4_backward_hopper.cu",
           "mxfp4_gemm_hopper.cu")
 
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found")
@@ -64,7 +64,7 @@ def test_native_gemm_compiles_with_cublaslt(tmp_path):
     assert r.returncode == 0, r.stderr[-4000:]
 
 
-def test_sources_compile_for_sm90a_and_sm100a(tmp_path):
+def test_sources_compile_for_sm90a_and_sm100a(tmp_path, monkeypatch):
     full = os.environ.get("MXFP4_COMPILE_CHECK") == "all"
     srcs = [os.path.basename(p) for p in csrc_build.sources(relative=False)] if full else list(SUBSET)
     objs = [str(tmp_path / (s + ".o")) for s in srcs]
@@ -86,3 +86,43 @@ def test_sources_compile_for_sm90a_and_sm100a(tmp_path):
     if shutil.which("cuobjdump"):
         out = subprocess.run(["cuobjdump", "--list-elf", str(lib)], capture_output=True, text=True).stdout
         assert "sm_90a" in out and "sm_100a" in out
+    _check_python_callers(mod, monkeypatch)
+
+
+def _check_python_callers(mod, monkeypatch):
+    """The Python wrappers call the compiled entry points with the arguments they declare: each call gets past
+    pybind11's argument conversion (a wrong count or type raises TypeError) into C++, which then fails for
+    want of a GPU (or of cuBLASLt in this build) — with its own error, not a TypeError."""
+    import torch
+
+    from megatron_mxfp4.numerics.quantize import quantize_reference
+    from megatron_mxfp4.ops import cuda_tiles, hopper_backward as hb, hopper_gemm as hg
+
+    class Monitor:
+        def counter(self, dev):
+            return torch.zeros(1, dtype=torch.int32)
+
+        def after_call(self, dev):
+            pass
+
+    for m in (hb, hg):
+        monkeypatch.setattr(m, "_ext", mod)
+        monkeypatch.setattr(m, "launch_on", lambda dev, fn, *a: fn(*a))
+        monkeypatch.setattr(m, "current_stream_handle", lambda dev: 0)
+    monkeypatch.setattr(hg, "_lt_workspace", lambda dev, stream: torch.empty(16, dtype=torch.uint8))
+    monkeypatch.setattr(hg, "monitor", Monitor())
+    monkeypatch.setattr(cuda_tiles, "_ext", mod)
+    monkeypatch.setattr(cuda_tiles, "supports", lambda t: None)
+    monkeypatch.setattr(cuda_tiles, "_call", lambda dev, fn, *a: fn(*a, 0))
+    a, b = quantize_reference(torch.randn(16, 64)), quantize_reference(torch.randn(24, 64))
+    dy, x = torch.randn(64, 32, dtype=torch.bfloat16), torch.randn(64, 48, dtype=torch.bfloat16)
+    w = torch.randn(32, 48, dtype=torch.bfloat16)
+    calls = [lambda: hg._native_gemm(a, b, torch.float32, 1.0, None, scaling="rows"),
+             lambda: cuda_tiles.to_e4m3_rows(a),
+             lambda: hb.backward_gemms(dy, x, w, rht_block=64, stochastic=True, prescale=0.75, seed=3,
+                                       offsets=(1, 2, 3, 4), signs_dgrad=None, signs_wgrad=None,
+                                       dx_dtype=torch.bfloat16, dw_dtype=torch.bfloat16)]
+    for call in calls:
+        with pytest.raises((RuntimeError, ValueError)):
+            call()
+    assert mod.backward_hopper_workspace_size(64, 48, 32, 64, 0, 48, 1, 0, 48, 1, False) > 64 * 32

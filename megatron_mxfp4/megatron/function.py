@@ -110,6 +110,20 @@ class MXFP4ParallelLinearFunction(torch.autograd.Function):
         else:
             total_input = input
 
+        # without a dX collective to overlap (TP = 1), both GEMMs in one native call where it applies
+        if wgrad and not ctx.allreduce_dgrad and not ctx.sequence_parallel:
+            main_grad = ctx.main_grad if ctx.fusion else None
+            fused = bwd.fused_backward(bwd.as_tokens(grad_output), bwd.as_tokens(total_input), weight, recipe, key,
+                                       ctx.input_dtype, weight.dtype, accumulate_into=main_grad)
+            if fused is not None:
+                grad_input = fused[0].view(*grad_output.shape[:-1], weight.shape[1])
+                grad_weight = None if main_grad is not None else fused[1]
+                if main_grad is not None and hasattr(weight, "grad_added_to_main_grad"):
+                    grad_weight = _dummy_wgrad(weight, ctx.input_dtype)
+                    weight.grad_added_to_main_grad = True
+                grad_bias = bwd.as_tokens(grad_output).sum(dim=0) if ctx.use_bias else None
+                return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
+
         # 2. dgrad over the local output features (dY read once for both GEMMs when both are MXFP4)
         dy2d = bwd.as_tokens(grad_output)
         qd, qw = bwd.grad_output_operands(dy2d, recipe, key, True, wgrad)

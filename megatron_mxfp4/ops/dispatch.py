@@ -104,6 +104,13 @@ def _select(table: Dict[str, _Backend], backend: str, x: torch.Tensor, what: str
     return b
 
 
+def selected_backend(kind: str, backend: str, x: torch.Tensor) -> str:
+    """The name of the backend that `quantize_mxfp4` ("quantize"), `quantize_mxfp4_dual` ("dual") or
+    `mxfp4_gemm` ("gemm") runs for `backend` on x's device (raises as they would for an unusable one)."""
+    table = {"quantize": _QUANTIZERS, "dual": _DUALS, "gemm": _GEMMS}[kind]
+    return _select(table, backend, x, {"quantize": "quantize", "dual": "dual quantize", "gemm": "GEMM"}[kind]).name
+
+
 def quantize_mxfp4(x, dim=-1, rounding="rtn", prescale=None, rht_block=0, signs=None, seed=0, offset=0,
                    backend="auto") -> MXFP4Tensor:
     """Quantize `x` to MXFP4 along `dim` (DESIGN §2, §6). See `numerics.quantize` for the contract."""
