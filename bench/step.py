@@ -9,7 +9,8 @@ own log lines give the timing: "elapsed time per iteration (ms)" (its timers, wi
 (start-up, warm-up, DelayedScaling's amax history) are left out and the median over the remaining
 intervals is reported. Peak memory is Megatron's "max allocated" (`--log-memory-interval`).
 
-Models: 1.3b (24 layers, h 2048, seq 2048) on 1 GPU (TP=1); 6.7b (32 layers, h 4096, seq 2048) on 2
+Models: 345m (24 layers, h 1024, seq 1024, micro-batch 8, global batch 64: the paper's smallest model with its
+batch) on 1 GPU; 1.3b (24 layers, h 2048, seq 2048) on 1 GPU (TP=1); 6.7b (32 layers, h 4096, seq 2048) on 2
 GPUs (TP=2 over NCCL, distributed optimizer, selective activation recomputation so that the local
 spec's unfused attention fits). Micro-batch 4 × seq 2048 = 8192 tokens per micro-batch.
 
@@ -24,6 +25,7 @@ Ratios: "× BF16" against the BF16 arm of the same spec (local / TE); "× TE FP8
 
     python bench/step.py --model 1.3b [--gpus 0,1] [--arms 'bf16_*,mxfp4_*'] [--iters 30] [--time-budget 540]
     python bench/step.py --model 6.7b --gpus 0,1
+    python bench/step.py --model 345m --arms 'bf16_local,mxfp4_local,bf16_te,te_fp8_delayed,mxfp4_te,mxfp4_fp8_te'
     python bench/step.py --model 1.3b --dry-run        print the command of every arm, run nothing
 
 With more GPUs than TP needs, arms run concurrently, one per group of TP GPUs (stated in the output).
@@ -49,11 +51,12 @@ import common as C  # noqa: E402
 
 LAUNCHER = os.path.join(C.REPO, "configs", "pretrain_gpt.sh")
 MODELS = {
+    "345m": dict(tp=1, micro_batch=8, global_batch=64, iters=30, extra=[]),  # the paper's smallest, its batch
     "1.3b": dict(tp=1, micro_batch=4, global_batch=8, iters=30, extra=[]),
     "6.7b": dict(tp=2, micro_batch=4, global_batch=8, iters=20, extra=["--recompute-activations"]),
     "tiny": dict(tp=1, micro_batch=4, global_batch=16, iters=30, extra=[]),
 }
-SEQ = {"1.3b": 2048, "6.7b": 2048, "tiny": 512}
+SEQ = {"345m": 1024, "1.3b": 2048, "6.7b": 2048, "tiny": 512}
 
 
 @dataclass

@@ -271,6 +271,8 @@ def test_step_arms_and_dry_run():
     assert "--mxfp4-backward-format fp8" in out
     p = _run("step.py", "--model", "1.3b", "--dry-run", "--iters", "10", "--skip", "10")
     assert p.returncode != 0 and "--skip 10" in p.stderr
+    out = _ok(_run("step.py", "--model", "345m", "--dry-run", "--arms", "mxfp4_local")).stdout  # the paper's 345M
+    assert "--hidden-size 1024" in out and "--micro-batch-size 8" in out and "--seq-length 1024" in out
 
 
 FAKE_LAUNCHER = r"""#!/usr/bin/env bash
