@@ -126,6 +126,7 @@ void to_e4m3_rows(uintptr_t data, int64_t ld_data, uintptr_t scales, int64_t ld_
   o.scales = ptr<const uint8_t>(scales);
   o.ld_scales = ld_scales;
   o.rows = rows;
+  o.k = k;
   o.rows_out = rows_out;
   o.codes = ptr<uint8_t>(codes);
   o.row_scales = ptr<float>(row_scales);
@@ -133,7 +134,7 @@ void to_e4m3_rows(uintptr_t data, int64_t ld_data, uintptr_t scales, int64_t ld_
   o.list = ptr<int32_t>(list);
   o.count = ptr<int32_t>(count);
   o.mult = mult;
-  mxfp4::to_e4m3_rows(&o, 1, k, reinterpret_cast<cudaStream_t>(stream));
+  mxfp4::to_e4m3_rows(&o, 1, reinterpret_cast<cudaStream_t>(stream));
 }
 
 uint64_t gemm_hopper_workspace_size(int64_t m, int64_t n, int64_t k, int c_type, bool accumulate, uintptr_t c,

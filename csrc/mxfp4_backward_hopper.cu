@@ -24,7 +24,7 @@ struct Packed {
 struct BackwardLayout {
   size_t signs_d = 0, signs_w = 0;
   Packed dy_row, dy_col, w_col, x_col;
-  size_t gemm = 0, gemm_size = 0, total = 0;
+  size_t gemm_d = 0, gemm_d_size = 0, gemm_w = 0, gemm_w_size = 0, total = 0;
 };
 
 inline size_t esize(DType t) { return t == kFloat32 ? 4 : 2; }
@@ -57,10 +57,10 @@ BackwardLayout backward_layout(const BackwardParams& p) {
   l.dy_col = packed(p.out, kw);
   l.w_col = packed(p.in, kd);
   l.x_col = packed(p.in, kw);
-  const size_t gd = gemm_hopper_workspace_size(p.t, p.in, kd, p.dx_type, false, p.dx, p.ldx);
-  const size_t gw = gemm_hopper_workspace_size(p.out, p.in, kw, p.dw_type, p.accumulate, p.dw, p.lddw);
-  l.gemm_size = gd > gw ? gd : gw;
-  l.gemm = take(l.gemm_size);
+  l.gemm_d_size = gemm_hopper_workspace_size(p.t, p.in, kd, p.dx_type, false, p.dx, p.ldx);
+  l.gemm_w_size = gemm_hopper_workspace_size(p.out, p.in, kw, p.dw_type, p.accumulate, p.dw, p.lddw);
+  l.gemm_d = take(l.gemm_d_size);
+  l.gemm_w = take(l.gemm_w_size);
   l.total = at;
   return l;
 }
@@ -155,15 +155,16 @@ Scaling backward_hopper(const BackwardParams& p, cudaStream_t stream) {
     quantize(src[i]->dtype, g, kCol, p.stochastic, c, stream);
   }
 
-  // 4. the two GEMMs, one workspace in turn (same stream)
+  // 4. the two GEMMs as one batch (with row scaling: one conversion launch and one fix launch for both)
   GemmParams gp;
-  gp.workspace = ws + l.gemm;
-  gp.workspace_size = l.gemm_size;
   gp.lt_workspace = p.lt_workspace;
   gp.lt_workspace_size = p.lt_workspace_size;
   gp.counter = p.counter;
   gp.scaling = p.scaling;
-  GemmParams gd = gp;
+  GemmParams g2[2] = {gp, gp};
+  GemmParams& gd = g2[0];
+  gd.workspace = ws + l.gemm_d;
+  gd.workspace_size = l.gemm_d_size;
   gd.a = operand(ws, l.dy_row);
   gd.b = operand(ws, l.w_col);
   gd.k = l.dy_row.k;
@@ -171,8 +172,9 @@ Scaling backward_hopper(const BackwardParams& p, cudaStream_t stream) {
   gd.c = p.dx;
   gd.ldc = p.ldx;
   gd.c_type = p.dx_type;
-  const Scaling sd = gemm_hopper(gd, stream);
-  GemmParams gw = gp;
+  GemmParams& gw = g2[1];
+  gw.workspace = ws + l.gemm_w;
+  gw.workspace_size = l.gemm_w_size;
   gw.a = operand(ws, l.dy_col);
   gw.b = operand(ws, l.x_col);
   gw.k = l.dy_col.k;
@@ -181,8 +183,7 @@ Scaling backward_hopper(const BackwardParams& p, cudaStream_t stream) {
   gw.ldc = p.lddw;
   gw.c_type = p.dw_type;
   gw.accumulate = p.accumulate;
-  const Scaling sw = gemm_hopper(gw, stream);
-  return sd == Scaling::kRows && sw == Scaling::kRows ? Scaling::kRows : Scaling::kTiles;
+  return gemm_hopper_batch(g2, 2, stream);
 }
 
 }  // namespace mxfp4

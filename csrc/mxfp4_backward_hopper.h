@@ -6,8 +6,8 @@
 //      off_wgrad_dy) from one read (the dual kernel; two launches where no dual tile exists);
 //   2. W^T [in, out] quantized along out (the column kernel on W, offset off_dgrad_w) with dgrad's signs;
 //   3. X^T [in, T] quantized along T (the column kernel on X, offset off_wgrad_x) with wgrad's signs;
-//   4. dX [T, in] = alpha_dgrad * dY W, and dW [out, in] (+)= alpha_wgrad * dY^T X, each one gemm_hopper call
-//      (mxfp4_gemm_hopper.h), sharing one GEMM workspace in turn.
+//   4. dX [T, in] = alpha_dgrad * dY W, and dW [out, in] (+)= alpha_wgrad * dY^T X as one gemm_hopper_batch
+//      (mxfp4_gemm_hopper.h: with row scaling one conversion launch and one fix launch serve both GEMMs).
 // RHT signs: given (signs_dgrad / signs_wgrad, g float32 each) or, when null with g > 0, drawn by the dY
 // kernel at dY's offsets and handed on to the W and X quantizers on the device (the `per_call` policy).
 // The quantized operands live in the caller's workspace; nothing synchronizes with the host. Each step is the
@@ -63,8 +63,7 @@ struct BackwardParams {
 // Bytes of workspace backward_hopper needs for these shapes and outputs.
 size_t backward_hopper_workspace_size(const BackwardParams& p);
 
-// Runs the steps above. Returns the scaling the two GEMMs used (see gemm_hopper; both see the same
-// problem class, kTiles if either fell back). Throws std::invalid_argument for bad arguments and
+// Runs the steps above. Returns the scaling the two GEMMs used (see gemm_hopper_batch). Throws std::invalid_argument for bad arguments and
 // std::runtime_error for CUDA / cuBLASLt errors.
 Scaling backward_hopper(const BackwardParams& p, cudaStream_t stream);
 

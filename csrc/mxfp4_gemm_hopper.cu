@@ -159,32 +159,55 @@ __device__ __forceinline__ float exact_dot(const GemmOperand& a, const GemmOpera
   return acc * alpha;
 }
 
-// C[r, :] += the exact product for every row r of A listed (flagged by the row conversion, its GEMM row
-// excluded by a zero scale), then C[:, r] for every listed row r of B, skipping A's flagged rows (already
-// done). Work items of 256 outputs, grid-strided; returns after reading the two counts when nothing is listed.
-__global__ void __launch_bounds__(256) fix_rows_kernel(GemmOperand a, GemmOperand b, int64_t nb, const int32_t* counts,
-                                                       const int32_t* list_a, const int32_t* list_b,
-                                                       const int32_t* flags_a, float alpha, void* c, int64_t ldc,
-                                                       OutType c_type, int32_t* counter) {
-  const int64_t ca = counts[0], cb = counts[1];
-  if (ca + cb == 0) return;
-  if (blockIdx.x == 0 && threadIdx.x == 0 && counter) atomicAdd(counter, 1);
-  const int64_t chunks_n = (b.rows + 255) / 256, chunks_m = (a.rows + 255) / 256;
-  const int64_t items = ca * chunks_n + cb * chunks_m;
-  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+// The per-row fix of one GEMM: rows of A and of B flagged by the row conversion (their GEMM rows / columns
+// excluded by a zero scale), listed with their counts.
+struct RowFix {
+  GemmOperand a, b;
+  int64_t nb = 0;
+  const int32_t* counts = nullptr;  // [2]: flagged rows of A, of B
+  const int32_t* list_a = nullptr;
+  const int32_t* list_b = nullptr;
+  const int32_t* flags_a = nullptr;
+  float alpha = 1.0f;
+  void* c = nullptr;
+  int64_t ldc = 0;
+  OutType c_type = OutType::kFloat32;
+};
+
+struct RowFixes {
+  RowFix fix[2];
+};
+
+// C[r, :] += the exact product for every listed row r of A, then C[:, r] for every listed row r of B, skipping
+// A's flagged rows (already done), for each of the `n` GEMMs. Work items of 256 outputs, grid-strided; returns
+// after reading the counts when nothing is listed; `counter` counts the GEMMs that needed a fix.
+__global__ void __launch_bounds__(256) fix_rows_kernel(const RowFixes fixes, int n, int32_t* counter) {
+  int64_t items[2] = {0, 0}, chunks_n[2] = {0, 0}, chunks_m[2] = {0, 0}, ca[2] = {0, 0};
+  for (int i = 0; i < n; ++i) {
+    const RowFix& f = fixes.fix[i];
+    ca[i] = f.counts[0];
+    chunks_n[i] = (f.b.rows + 255) / 256;
+    chunks_m[i] = (f.a.rows + 255) / 256;
+    items[i] = ca[i] * chunks_n[i] + static_cast<int64_t>(f.counts[1]) * chunks_m[i];
+    if (items[i] && blockIdx.x == 0 && threadIdx.x == 0 && counter) atomicAdd(counter, 1);
+  }
+  for (int64_t item = blockIdx.x; item < items[0] + items[1]; item += gridDim.x) {
+    const int which = item < items[0] ? 0 : 1;
+    const RowFix& f = fixes.fix[which];
+    const int64_t j = which ? item - items[0] : item;
     int64_t r, col;
-    if (item < ca * chunks_n) {
-      r = list_a[item / chunks_n];
-      col = item % chunks_n * 256 + threadIdx.x;
-      if (col >= b.rows) continue;
+    if (j < ca[which] * chunks_n[which]) {
+      r = f.list_a[j / chunks_n[which]];
+      col = j % chunks_n[which] * 256 + threadIdx.x;
+      if (col >= f.b.rows) continue;
     } else {
-      const int64_t j = item - ca * chunks_n;
-      col = list_b[j / chunks_m];
-      r = j % chunks_m * 256 + threadIdx.x;
-      if (r >= a.rows || flags_a[r]) continue;
+      const int64_t jb = j - ca[which] * chunks_n[which];
+      col = f.list_b[jb / chunks_m[which]];
+      r = jb % chunks_m[which] * 256 + threadIdx.x;
+      if (r >= f.a.rows || f.flags_a[r]) continue;
     }
-    const int64_t i = r * ldc + col;
-    store(c_type, c, i, to_float(c_type, c, i) + exact_dot(a, b, r, col, nb, alpha));
+    const int64_t i = r * f.ldc + col;
+    store(f.c_type, f.c, i, to_float(f.c_type, f.c, i) + exact_dot(f.a, f.b, r, col, f.nb, f.alpha));
   }
 }
 
@@ -351,116 +374,188 @@ size_t gemm_hopper_workspace_size(int64_t m, int64_t n, int64_t k, OutType c_typ
   return layout(m, n, k, c_type, accumulate, !direct(m, n, c_type, c, ldc)).total;
 }
 
-Scaling gemm_hopper(const GemmParams& p, cudaStream_t stream) {
-  using namespace detail;
-#if !defined(MXFP4_WITH_CUBLASLT)
-  (void)p;
-  (void)stream;
-  throw std::runtime_error("mxfp4 gemm_hopper: this build of the extension does not link cuBLASLt "
-                           "(rebuild where the CUDA toolkit's cublasLt.h is found)");
-#else
+#if defined(MXFP4_WITH_CUBLASLT)
+namespace detail {
+
+// One GEMM of a batch: its checked arguments, workspace layout and output (staged or C itself).
+struct Problem {
+  const GemmParams* p = nullptr;
+  Layout l{};
+  uint8_t* ws = nullptr;
+  bool staged = false;
+  void* d = nullptr;
+  int64_t ldd = 0;
+  OutType d_type = OutType::kFloat32;
+  bool beta_one = false;
+  std::unique_ptr<LtCall> call;
+};
+
+void prepare(Problem& q, const GemmParams& p) {
   const int64_t m = p.a.rows, n = p.b.rows, k = p.k;
   require(p.c && p.workspace && p.lt_workspace, "a pointer is null");
   require(m > 0 && n > 0 && k > 0 && k % 32 == 0, "M, N and K must be positive, K a multiple of 32");
   require(p.ldc >= n, "ldc must be >= N");
   require(!p.accumulate || p.c_type == OutType::kFloat32, "accumulating needs a float32 C");
-  const bool staged = !direct(m, n, p.c_type, p.c, p.ldc);
-  const Layout l = layout(m, n, k, p.c_type, p.accumulate, staged);
-  require(p.workspace_size >= l.total, "workspace of " + std::to_string(p.workspace_size) + " bytes, needs " +
-                                           std::to_string(l.total));
+  q.p = &p;
+  q.staged = !direct(m, n, p.c_type, p.c, p.ldc);
+  q.l = layout(m, n, k, p.c_type, p.accumulate, q.staged);
+  require(p.workspace_size >= q.l.total, "workspace of " + std::to_string(p.workspace_size) + " bytes, needs " +
+                                            std::to_string(q.l.total));
   require(reinterpret_cast<uintptr_t>(p.workspace) % kAlign == 0, "workspace must be 256-byte aligned");
-  uint8_t* ws = static_cast<uint8_t*>(p.workspace);
-  void* d = staged ? static_cast<void*>(ws + l.staging) : p.c;
-  const int64_t ldd = staged ? l.np : p.ldc;
-  const OutType d_type = staged && p.accumulate ? OutType::kFloat32 : p.c_type;
-  const bool beta_one = !staged && p.accumulate;
+  q.ws = static_cast<uint8_t*>(p.workspace);
+  q.d = q.staged ? static_cast<void*>(q.ws + q.l.staging) : p.c;
+  q.ldd = q.staged ? q.l.np : p.ldc;
+  q.d_type = q.staged && p.accumulate ? OutType::kFloat32 : p.c_type;
+  q.beta_one = !q.staged && p.accumulate;
+}
 
-  Scaling scaling = p.scaling;
-  std::unique_ptr<LtCall> rows_call;
-  if (scaling == Scaling::kRows) {
-    rows_call.reset(new LtCall(l, ws, p, Scaling::kRows, d, ldd, d_type, beta_one));
-    if (!rows_call->found) scaling = Scaling::kTiles;  // reported to the caller, which warns once
-  }
+void zero_flags(const Problem& q, cudaStream_t stream) {
+  if (cudaMemsetAsync(q.ws + q.l.flags, 0, q.l.counts + 2 * sizeof(int32_t) - q.l.flags, stream) != cudaSuccess)
+    check_launch("memset");
+}
+
+void unstage(const Problem& q, cudaStream_t stream) {
+  if (!q.staged) return;
+  const GemmParams& p = *q.p;
+  const int64_t total = p.a.rows * p.b.rows;
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>((total + 255) / 256, 4096));
+  unstage_kernel<<<grid, 256, 0, stream>>>(q.ws + q.l.staging, q.l.np, p.c, p.ldc, p.a.rows, p.b.rows, p.c_type,
+                                          p.accumulate);
+  check_launch("unstage");
+}
+
+// Tile scaling, one GEMM: flags, both tile conversions, the slab mask, cuBLASLt, the slab fix.
+void run_tiles(Problem& q, cudaStream_t stream) {
+  const GemmParams& p = *q.p;
+  const Layout& l = q.l;
+  uint8_t* ws = q.ws;
   int32_t* flags = reinterpret_cast<int32_t*>(ws + l.flags);
-  int32_t* counts = reinterpret_cast<int32_t*>(ws + l.counts);
-  if (cudaMemsetAsync(flags, 0, l.counts + 2 * sizeof(int32_t) - l.flags, stream) != cudaSuccess) check_launch("memset");
+  zero_flags(q, stream);
+  TileParams ta;
+  ta.data = p.a.data;
+  ta.ld_data = p.a.ld_data;
+  ta.scales = p.a.scales;
+  ta.ld_scales = p.a.ld_scales;
+  ta.rows = p.a.rows;
+  ta.k = p.k;
+  ta.rows_out = l.mp;
+  ta.codes = ws + l.codes_a;
+  ta.tile_scales = reinterpret_cast<float*>(ws + l.scales_a);
+  ta.flags = flags;
+  TileParams tb = ta;
+  tb.data = p.b.data;
+  tb.ld_data = p.b.ld_data;
+  tb.scales = p.b.scales;
+  tb.ld_scales = p.b.ld_scales;
+  tb.rows = p.b.rows;
+  tb.rows_out = l.np;
+  tb.codes = ws + l.codes_b;
+  tb.tile_scales = reinterpret_cast<float*>(ws + l.scales_b);
+  tb.flags = flags + l.nt;
+  tb.mult = p.alpha;
+  to_e4m3_tiles(ta, stream);
+  to_e4m3_tiles(tb, stream);
+  mask_flagged_slabs(flags, flags + l.nt, ta.tile_scales, l.mp, l.nt, stream);
+  LtCall call(l, ws, p, Scaling::kTiles, q.d, q.ldd, q.d_type, q.beta_one);
+  if (!call.found)
+    throw std::runtime_error("mxfp4 gemm_hopper: cuBLASLt has no FP8 1x128-block-scaled GEMM for M=" +
+                             std::to_string(p.a.rows) + " N=" + std::to_string(p.b.rows) + " K=" + std::to_string(l.kt));
+  call.run(ws, l, p, q.d, q.beta_one, stream);
+  unstage(q, stream);
+  const int64_t tiles = (p.a.rows + 15) / 16 * ((p.b.rows + 15) / 16);
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(tiles, 528));
+  fix_slabs_kernel<<<grid, 256, 0, stream>>>(p.a, p.b, p.k / 32, flags, l.nt, p.alpha, p.c, p.ldc, p.c_type,
+                                             p.counter);
+  check_launch("fix_slabs");
+}
 
-  if (scaling == Scaling::kRows) {
-    RowConvOperand ops[2];
+// Row scaling, n GEMMs together: their flag counts zeroed, every operand converted in one launch, the cuBLASLt
+// GEMMs, then one fix launch for all.
+void run_rows(Problem* qs, int n, cudaStream_t stream) {
+  RowConvOperand ops[kMaxRowConvOperands];
+  RowFixes fixes;
+  for (int i = 0; i < n; ++i) {
+    const Problem& q = qs[i];
+    const GemmParams& p = *q.p;
+    const Layout& l = q.l;
+    int32_t* counts = reinterpret_cast<int32_t*>(q.ws + l.counts);
+    zero_flags(q, stream);
     const GemmOperand* src[2] = {&p.a, &p.b};
     const int64_t rows_out[2] = {l.mp, l.np};
     const size_t codes[2] = {l.codes_a, l.codes_b}, scales[2] = {l.scales_a, l.scales_b};
     const size_t rflags[2] = {l.rflags_a, l.rflags_b}, lists[2] = {l.list_a, l.list_b};
-    for (int i = 0; i < 2; ++i) {
-      ops[i].data = src[i]->data;
-      ops[i].ld_data = src[i]->ld_data;
-      ops[i].scales = src[i]->scales;
-      ops[i].ld_scales = src[i]->ld_scales;
-      ops[i].rows = src[i]->rows;
-      ops[i].rows_out = rows_out[i];
-      ops[i].codes = ws + codes[i];
-      ops[i].row_scales = reinterpret_cast<float*>(ws + scales[i]);
-      ops[i].row_flags = reinterpret_cast<int32_t*>(ws + rflags[i]);
-      ops[i].list = reinterpret_cast<int32_t*>(ws + lists[i]);
-      ops[i].count = counts + i;
+    for (int j = 0; j < 2; ++j) {
+      RowConvOperand& o = ops[2 * i + j];
+      o = RowConvOperand{};
+      o.data = src[j]->data;
+      o.ld_data = src[j]->ld_data;
+      o.scales = src[j]->scales;
+      o.ld_scales = src[j]->ld_scales;
+      o.rows = src[j]->rows;
+      o.k = p.k;
+      o.rows_out = rows_out[j];
+      o.codes = q.ws + codes[j];
+      o.row_scales = reinterpret_cast<float*>(q.ws + scales[j]);
+      o.row_flags = reinterpret_cast<int32_t*>(q.ws + rflags[j]);
+      o.list = reinterpret_cast<int32_t*>(q.ws + lists[j]);
+      o.count = counts + j;
     }
-    ops[1].mult = p.alpha;
-    to_e4m3_rows(ops, 2, k, stream);
-    rows_call->run(ws, l, p, d, beta_one, stream);
-  } else {
-    TileParams ta;
-    ta.data = p.a.data;
-    ta.ld_data = p.a.ld_data;
-    ta.scales = p.a.scales;
-    ta.ld_scales = p.a.ld_scales;
-    ta.rows = m;
-    ta.k = k;
-    ta.rows_out = l.mp;
-    ta.codes = ws + l.codes_a;
-    ta.tile_scales = reinterpret_cast<float*>(ws + l.scales_a);
-    ta.flags = flags;
-    TileParams tb = ta;
-    tb.data = p.b.data;
-    tb.ld_data = p.b.ld_data;
-    tb.scales = p.b.scales;
-    tb.ld_scales = p.b.ld_scales;
-    tb.rows = n;
-    tb.rows_out = l.np;
-    tb.codes = ws + l.codes_b;
-    tb.tile_scales = reinterpret_cast<float*>(ws + l.scales_b);
-    tb.flags = flags + l.nt;
-    tb.mult = p.alpha;
-    to_e4m3_tiles(ta, stream);
-    to_e4m3_tiles(tb, stream);
-    mask_flagged_slabs(flags, flags + l.nt, ta.tile_scales, l.mp, l.nt, stream);
-    LtCall tiles_call(l, ws, p, Scaling::kTiles, d, ldd, d_type, beta_one);
-    if (!tiles_call.found)
-      throw std::runtime_error("mxfp4 gemm_hopper: cuBLASLt has no FP8 1x128-block-scaled GEMM for M=" +
-                               std::to_string(m) + " N=" + std::to_string(n) + " K=" + std::to_string(l.kt));
-    tiles_call.run(ws, l, p, d, beta_one, stream);
+    ops[2 * i + 1].mult = p.alpha;
+    RowFix& f = fixes.fix[i];
+    f.a = p.a;
+    f.b = p.b;
+    f.nb = p.k / 32;
+    f.counts = counts;
+    f.list_a = reinterpret_cast<const int32_t*>(q.ws + l.list_a);
+    f.list_b = reinterpret_cast<const int32_t*>(q.ws + l.list_b);
+    f.flags_a = reinterpret_cast<const int32_t*>(q.ws + l.rflags_a);
+    f.alpha = p.alpha;
+    f.c = p.c;
+    f.ldc = p.ldc;
+    f.c_type = p.c_type;
   }
+  to_e4m3_rows(ops, 2 * n, stream);
+  for (int i = 0; i < n; ++i) {
+    qs[i].call->run(qs[i].ws, qs[i].l, *qs[i].p, qs[i].d, qs[i].beta_one, stream);
+    unstage(qs[i], stream);
+  }
+  fix_rows_kernel<<<528, 256, 0, stream>>>(fixes, n, qs[0].p->counter);
+  check_launch("fix_rows");
+}
 
-  if (staged) {
-    const int64_t total = m * n;
-    const unsigned grid = static_cast<unsigned>(std::min<int64_t>((total + 255) / 256, 4096));
-    unstage_kernel<<<grid, 256, 0, stream>>>(ws + l.staging, l.np, p.c, p.ldc, m, n, p.c_type, p.accumulate);
-    check_launch("unstage");
+}  // namespace detail
+#endif  // MXFP4_WITH_CUBLASLT
+
+Scaling gemm_hopper_batch(const GemmParams* ps, int n, cudaStream_t stream) {
+  using namespace detail;
+#if !defined(MXFP4_WITH_CUBLASLT)
+  (void)ps;
+  (void)n;
+  (void)stream;
+  throw std::runtime_error("mxfp4 gemm_hopper: this build of the extension does not link cuBLASLt "
+                           "(rebuild where the CUDA toolkit's cublasLt.h is found)");
+#else
+  require(ps && (n == 1 || n == 2), "a batch holds 1 or 2 GEMMs");
+  Problem qs[2];
+  bool rows = true;
+  for (int i = 0; i < n; ++i) {
+    prepare(qs[i], ps[i]);
+    rows = rows && ps[i].scaling == Scaling::kRows && ps[i].counter == ps[0].counter;
   }
-  if (scaling == Scaling::kRows) {
-    fix_rows_kernel<<<528, 256, 0, stream>>>(p.a, p.b, k / 32, counts, reinterpret_cast<const int32_t*>(ws + l.list_a),
-                                             reinterpret_cast<const int32_t*>(ws + l.list_b),
-                                             reinterpret_cast<const int32_t*>(ws + l.rflags_a), p.alpha, p.c, p.ldc,
-                                             p.c_type, p.counter);
-    check_launch("fix_rows");
-  } else {
-    const int64_t tiles = (m + 15) / 16 * ((n + 15) / 16);
-    const unsigned grid = static_cast<unsigned>(std::min<int64_t>(tiles, 528));
-    fix_slabs_kernel<<<grid, 256, 0, stream>>>(p.a, p.b, k / 32, flags, l.nt, p.alpha, p.c, p.ldc, p.c_type,
-                                               p.counter);
-    check_launch("fix_slabs");
+  for (int i = 0; rows && i < n; ++i) {
+    qs[i].call.reset(new LtCall(qs[i].l, qs[i].ws, ps[i], Scaling::kRows, qs[i].d, qs[i].ldd, qs[i].d_type,
+                                qs[i].beta_one));
+    rows = qs[i].call->found;  // else every GEMM of the batch takes the tiles (the caller warns once)
   }
-  return scaling;
+  if (rows) {
+    run_rows(qs, n, stream);
+    return Scaling::kRows;
+  }
+  for (int i = 0; i < n; ++i) run_tiles(qs[i], stream);
+  return Scaling::kTiles;
 #endif
 }
+
+Scaling gemm_hopper(const GemmParams& p, cudaStream_t stream) { return gemm_hopper_batch(&p, 1, stream); }
 
 }  // namespace mxfp4

@@ -6,7 +6,8 @@
 // Scaling::kRows (one float32 scale per row of each operand, cuBLASLt's outer-vector mode, its fastest scaled
 // FP8 GEMM on Hopper):
 //   1. the flagged-row counts zeroed (a memset),
-//   2. both operands converted to the E4M3-row layout in one launch (mxfp4_rows.h), B's row scales times alpha,
+//   2. both operands converted to the E4M3-row layout in one launch (mxfp4_rows.h), B's row scales times alpha
+//      (the rows of the layout past M or N, padding for cuBLASLt, are zero codes),
 //   3. cuBLASLt's FP8 GEMM with per-row scales on both operands (float32 accumulation),
 //   4. the exact per-row fix: C[r, :] += alpha * A[r, :] * B^T for every row r of A flagged by the conversion
 //      (a row whose blocks span more than 14 binades) and C[:, r] likewise for B's flagged rows, promoting every
@@ -69,5 +70,10 @@ bool gemm_hopper_available();
 // that cuBLASLt has no outer-vector-scaled FP8 kernel for. Throws std::invalid_argument for bad arguments
 // and std::runtime_error for CUDA / cuBLASLt errors.
 Scaling gemm_hopper(const GemmParams& p, cudaStream_t stream);
+
+// Two independent GEMMs (a linear's dgrad and wgrad; each its own workspace) in one go: with row scaling their
+// four operands are converted in one launch and their row fixes run in one launch. Returns the scaling used
+// (kTiles for both when either has no row-scaled kernel, or when their scalings or counters differ).
+Scaling gemm_hopper_batch(const GemmParams* ps, int n, cudaStream_t stream);
 
 }  // namespace mxfp4

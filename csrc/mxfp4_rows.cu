@@ -3,7 +3,7 @@
 // Work split: one warp per row, lane l owning blocks l, l + 32, ... (16 packed bytes and one scale each).
 // Pass 1 reads the row's codes and scales and reduces the live exponent range over the warp; pass 2 reads
 // them again (from L1/L2) and writes 32 E4M3 bytes per block, so a warp writes 1 KiB contiguous per step.
-// Both operands of a GEMM are converted by one launch (rows of A, then rows of B).
+// Up to four operands (both of a linear's two GEMMs) are converted by one launch, one after the other.
 #include <stdexcept>
 #include <string>
 
@@ -20,8 +20,8 @@ constexpr int kRowSpan = 8;       // a live block may lie this far below the row
 constexpr int kRowExpMin = -126;
 constexpr int kNoExp = 1000;
 
-struct RowConvPair {
-  RowConvOperand op[2];
+struct RowConvSet {
+  RowConvOperand op[kMaxRowConvOperands];
 };
 
 __device__ __forceinline__ uint4 load_block(const uint8_t* p) {  // 16 packed bytes at an 8-byte aligned address
@@ -32,17 +32,16 @@ __device__ __forceinline__ uint4 load_block(const uint8_t* p) {  // 16 packed by
 
 __device__ __forceinline__ bool nonzero_codes(const uint4& w) { return ((w.x | w.y | w.z | w.w) & 0x77777777u) != 0u; }
 
-__global__ void __launch_bounds__(kRowConvThreads) to_e4m3_rows_kernel(const RowConvPair pair, int n, int64_t k) {
+__global__ void __launch_bounds__(kRowConvThreads) to_e4m3_rows_kernel(const RowConvSet set, int n) {
   const int lane = threadIdx.x & 31;
   int64_t row = static_cast<int64_t>(blockIdx.x) * kRowConvWarps + (threadIdx.x >> 5);
   int which = 0;
-  if (row >= pair.op[0].rows_out) {
-    row -= pair.op[0].rows_out;
-    which = 1;
-    if (n < 2 || row >= pair.op[1].rows_out) return;
+  while (row >= set.op[which].rows_out) {  // warp-uniform
+    row -= set.op[which].rows_out;
+    if (++which >= n) return;
   }
-  const RowConvOperand& op = pair.op[which];
-  const int64_t nb = k / 32, kt = (k + 127) / 128 * 128, nbt = kt / 32;
+  const RowConvOperand& op = set.op[which];
+  const int64_t k = op.k, nb = k / 32, kt = (k + 127) / 128 * 128, nbt = kt / 32;
   uint8_t* out = op.codes + row * kt;
   const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
   if (row >= op.rows) {  // padding rows of the GEMM: zero codes
@@ -107,14 +106,15 @@ static void require(bool ok, const std::string& msg) {
 
 }  // namespace detail
 
-void to_e4m3_rows(const RowConvOperand* ops, int n, int64_t k, cudaStream_t stream) {
+void to_e4m3_rows(const RowConvOperand* ops, int n, cudaStream_t stream) {
   using namespace detail;
-  require(ops && (n == 1 || n == 2), "needs 1 or 2 operands");
-  require(k > 0 && k % 32 == 0, "k = " + std::to_string(k) + " must be a positive multiple of 32");
-  RowConvPair pair;
+  require(ops && n >= 1 && n <= kMaxRowConvOperands, "needs 1 to 4 operands");
+  RowConvSet set;
   int64_t rows_total = 0;
   for (int i = 0; i < n; ++i) {
     const RowConvOperand& o = ops[i];
+    const int64_t k = o.k;
+    require(k > 0 && k % 32 == 0, "k = " + std::to_string(k) + " must be a positive multiple of 32");
     require(o.data && o.scales && o.codes && o.row_scales && o.row_flags && o.list && o.count, "a pointer is null");
     require(o.rows >= 0 && o.rows_out >= o.rows, "rows_out must be >= rows >= 0");
     require(o.ld_data >= k / 2 && o.ld_data % 8 == 0,
@@ -122,14 +122,13 @@ void to_e4m3_rows(const RowConvOperand* ops, int n, int64_t k, cudaStream_t stre
     require(reinterpret_cast<uintptr_t>(o.data) % 8 == 0, "packed data must be 8-byte aligned");
     require(reinterpret_cast<uintptr_t>(o.codes) % 16 == 0, "codes must be 16-byte aligned");
     require(o.ld_scales >= k / 32, "scale row stride " + std::to_string(o.ld_scales) + " must be >= k/32");
-    pair.op[i] = o;
+    set.op[i] = o;
     rows_total += o.rows_out;
   }
-  if (n == 1) pair.op[1] = RowConvOperand{};
   if (rows_total == 0) return;
   const int64_t grid = (rows_total + kRowConvWarps - 1) / kRowConvWarps;
   require(grid < (int64_t(1) << 31), "operands too large for the launch grid");
-  to_e4m3_rows_kernel<<<static_cast<unsigned>(grid), kRowConvThreads, 0, stream>>>(pair, n, k);
+  to_e4m3_rows_kernel<<<static_cast<unsigned>(grid), kRowConvThreads, 0, stream>>>(set, n);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) throw std::runtime_error(std::string("to_e4m3_rows: ") + cudaGetErrorString(err));
 }

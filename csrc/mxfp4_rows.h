@@ -1,6 +1,6 @@
 // Host interface of the E4M3-row conversion for the Hopper GEMM with per-row scales (no PyTorch dependency).
 //
-// Converts one or two packed MXFP4 operands [rows, k] (quantized along k) for an FP8 GEMM whose scales are
+// Converts up to four packed MXFP4 operands [rows, k] (quantized along k) for FP8 GEMMs whose scales are
 // one float32 per row (cuBLASLt's outer-vector scaling): every block exponent e_j of a row is folded into its
 // codes relative to the row exponent E = max(e_top - 6, -126), e_top the largest exponent among the row's live
 // blocks (a non-zero code, a finite scale; E = 0 without any):
@@ -24,7 +24,7 @@ struct RowConvOperand {
   int64_t ld_data = 0;
   const uint8_t* scales = nullptr;  // E8M0 block scales [rows, k/32], row stride ld_scales bytes
   int64_t ld_scales = 0;
-  int64_t rows = 0;
+  int64_t rows = 0, k = 0;          // k: a positive multiple of 32
   int64_t rows_out = 0;             // rows written (>= rows)
   uint8_t* codes = nullptr;         // [rows_out, kt] E4M3, contiguous, 16-byte aligned
   float* row_scales = nullptr;      // [rows_out]
@@ -34,8 +34,10 @@ struct RowConvOperand {
   float mult = 1.0f;
 };
 
-// Converts `n` (1 or 2) operands of the same k in one launch on `stream`. Throws std::invalid_argument for bad
-// arguments and std::runtime_error for CUDA errors.
-void to_e4m3_rows(const RowConvOperand* ops, int n, int64_t k, cudaStream_t stream);
+constexpr int kMaxRowConvOperands = 4;  // both operands of two GEMMs (a linear's dgrad and wgrad)
+
+// Converts `n` (1 .. 4) operands in one launch on `stream`. Throws std::invalid_argument for bad arguments
+// and std::runtime_error for CUDA errors.
+void to_e4m3_rows(const RowConvOperand* ops, int n, cudaStream_t stream);
 
 }  // namespace mxfp4
