@@ -6,6 +6,8 @@ For each shape (T tokens, in → out) and arm, side by side in one run:
                   one native call where that applies (`backward.fused_backward`)
   mxfp4_steps     mxfp4_bf16fwd with the one-call backward off: three quantize calls and two GEMM calls from
                   Python (the path before it; same bits)
+  mxfp4_rows      mxfp4_bf16fwd with the `hopper` GEMM's per-row scaling (one conversion and one fix launch for
+                  both backward GEMMs)
   mxfp4_fp8fwd    MXFP4Linear with recipe.forward = "fp8"
   mxfp4_graph     mxfp4_bf16fwd with recipe.cuda_graphs, forward + backward captured once in a CUDA graph:
                   the host's cost is one `replay()` (GPU only; skipped on a CPU)
@@ -38,24 +40,35 @@ ARMS = {
     "nn_linear": None,
     "mxfp4_bf16fwd": MXFP4Recipe(),
     "mxfp4_steps": MXFP4Recipe(),
+    "mxfp4_rows": MXFP4Recipe(),
     "mxfp4_fp8fwd": MXFP4Recipe(forward="fp8"),
     "mxfp4_graph": MXFP4Recipe(cuda_graphs=True),
 }
 GRAPH_ARMS = ("mxfp4_graph",)
-STEPS_ARMS = ("mxfp4_steps",)
 
 
-class _steps_only:
-    """Within: every backward takes the Python steps (`backward.fused_backward` answers None)."""
+class _patched:
+    """Within: `module.name` is `value` (an arm's variant of the library's default path)."""
+
+    def __init__(self, module: str, name: str, value):
+        self.module, self.name, self.value = module, name, value
 
     def __enter__(self):
-        from megatron_mxfp4 import backward as bwd
+        import importlib
 
-        self._bwd, self._fused = bwd, bwd.fused_backward
-        bwd.fused_backward = lambda *a, **k: None
+        self._mod = importlib.import_module(self.module)
+        self._old = getattr(self._mod, self.name)
+        setattr(self._mod, self.name, self.value)
 
     def __exit__(self, *exc):
-        self._bwd.fused_backward = self._fused
+        setattr(self._mod, self.name, self._old)
+
+
+#: arms that run the default layer with one piece of the library swapped (see the module docstring)
+ARM_VARIANTS = {
+    "mxfp4_steps": lambda: _patched("megatron_mxfp4.backward", "fused_backward", lambda *a, **k: None),
+    "mxfp4_rows": lambda: _patched("megatron_mxfp4.ops.hopper_gemm", "SCALING", "rows"),
+}
 
 
 def build(arm: str, din: int, dout: int, device, dtype):
@@ -73,8 +86,8 @@ def _sync(device):
 
 
 def measure_arm(arm: str, t: int, din: int, dout: int, device, iters: int, warmup: int) -> dict:
-    if arm in STEPS_ARMS:
-        with _steps_only():
+    if arm in ARM_VARIANTS and device.type == "cuda":
+        with ARM_VARIANTS[arm]():
             return _measure(arm, t, din, dout, device, iters, warmup)
     return _measure(arm, t, din, dout, device, iters, warmup)
 
