@@ -1,0 +1,142 @@
+"""The grouped quantize reference (`numerics.grouped`) against per-expert `quantize_reference` calls, bit for bit.
+
+Each segment must quantize exactly as the expert's own quantizer does today: its own key (`expert_seed`), the
+Philox index restarting at 0, the column copy padded to the segment's own token count.
+"""
+import pytest
+import torch
+
+from megatron_mxfp4.numerics.grouped import grouped_layout, quantize_grouped_reference
+from megatron_mxfp4.numerics.quantize import padded_size, quantize_reference
+from megatron_mxfp4.numerics.rht import draw_signs
+from megatron_mxfp4.numerics.streams import Gemm, Operand, expert_seed, stream_offset
+
+COUNTS = (0, 1, 31, 33, 64, 300)
+HIDDEN = 96  # not a multiple of 64: the row copy is padded too
+OFF_ROW = stream_offset(17, 5, Gemm.DGRAD, Operand.GRAD_OUTPUT)
+OFF_COL = stream_offset(17, 5, Gemm.WGRAD, Operand.GRAD_OUTPUT)
+
+
+def permuted_buffer(counts, n=HIDDEN, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = sum(counts)
+    x = torch.randn(t, n, generator=g) * torch.exp2(torch.randint(-8, 9, (t, 1), generator=g).float())
+    return x.to(dtype)
+
+
+def seeds_for(n):
+    return [expert_seed(1234, 0, e) for e in range(n)]
+
+
+def assert_same(got, ref, what):
+    assert got.shape == ref.shape and got.dim == ref.dim, (what, got.shape, ref.shape)
+    assert got.prescale == ref.prescale and got.rht_block == ref.rht_block, what
+    assert got.data.shape == ref.data.shape and torch.equal(got.data, ref.data), f"{what}: data differ"
+    assert got.scales.shape == ref.scales.shape and torch.equal(got.scales, ref.scales), f"{what}: scales differ"
+    if ref.signs is not None:
+        assert torch.equal(got.signs, ref.signs), f"{what}: signs differ"
+
+
+@pytest.mark.parametrize("g", (0, 32, 64))
+@pytest.mark.parametrize("rounding", ("sr", "rtn"))
+@pytest.mark.parametrize("mode", ("row", "col", "dual"))
+def test_grouped_equals_per_expert(g, rounding, mode):
+    x = permuted_buffer(COUNTS, seed=g)
+    segs = torch.split(x, list(COUNTS))
+    seeds = seeds_for(len(COUNTS))
+    out = quantize_grouped_reference(segs, mode, rounding, rht_block=g, seeds=seeds, offset_row=OFF_ROW,
+                                     offset_col=OFF_COL)
+    assert len(out) == len(COUNTS)
+    for e, (xe, seed) in enumerate(zip(segs, seeds)):
+        row_ref = quantize_reference(xe, -1, rounding, None, g, None, seed, OFF_ROW)
+        col_ref = quantize_reference(xe.t(), -1, rounding, None, g, None, seed, OFF_COL)
+        if mode == "row":
+            assert_same(out[e], row_ref, f"row {e}")
+        elif mode == "col":
+            assert_same(out[e], col_ref, f"col {e}")
+            assert out[e].data.shape[1] * 2 == padded_size(COUNTS[e], g)  # its own K_e
+        else:
+            assert_same(out[e][0], row_ref, f"dual row {e}")
+            assert_same(out[e][1], col_ref, f"dual col {e}")
+
+
+def test_row_copies_are_one_matrix_and_views_share_buffers():
+    """With equal feature counts the row copies are the rows of one [T_total, Kr/2] matrix, every segment a
+    contiguous view into it (the per-expert GEMMs read them without copies)."""
+    x = permuted_buffer(COUNTS)
+    out = quantize_grouped_reference(torch.split(x, list(COUNTS)), "dual", "sr", rht_block=64, seeds=seeds_for(6),
+                                     offset_row=OFF_ROW, offset_col=OFF_COL)
+    rows = [r for r, _ in out]
+    base = rows[0].data.untyped_storage().data_ptr()
+    assert all(r.data.untyped_storage().data_ptr() == base and r.data.is_contiguous() for r in rows)
+    whole = torch.cat([r.data for r in rows])
+    start = rows[0].data.storage_offset()
+    flat = rows[0].data.untyped_storage()
+    mat = torch.empty(0, dtype=torch.uint8).set_(flat, start, whole.shape)
+    assert torch.equal(mat, whole)
+    cols = [c for _, c in out]
+    assert all(c.data.untyped_storage().data_ptr() == cols[0].data.untyped_storage().data_ptr() for c in cols)
+    assert all(c.data.is_contiguous() and c.scales.is_contiguous() for c in cols)
+
+
+def test_seed_and_index_restart_matter():
+    """Negative controls: one key for all segments, or the Philox index running on across segments (the
+    whole buffer quantized at once), do not give the per-expert bits."""
+    counts = (40, 72)
+    x = permuted_buffer(counts, seed=3)
+    segs = torch.split(x, list(counts))
+    seeds = seeds_for(2)
+    good = quantize_grouped_reference(segs, "row", "sr", seeds=seeds, offset_row=OFF_ROW)
+    same_key = quantize_grouped_reference(segs, "row", "sr", seeds=seeds[0], offset_row=OFF_ROW)
+    assert torch.equal(good[0].data, same_key[0].data)
+    assert not torch.equal(good[1].data, same_key[1].data)
+    whole = quantize_reference(x, -1, "sr", None, 0, None, seeds[1], OFF_ROW)
+    assert not torch.equal(whole.data[counts[0]:], good[1].data)  # index restarts per segment
+
+
+def test_per_segment_offsets_signs_and_tensor_scalars():
+    counts = (33, 0, 64)
+    x = permuted_buffer(counts, dtype=torch.float32, seed=5)
+    segs = torch.split(x, list(counts))
+    seeds = seeds_for(3)
+    offs = [OFF_COL + (e << 8) for e in range(3)]
+    given = [draw_signs(64, 7, e) for e in range(3)]
+    given[1] = None  # drawn for this one
+    out = quantize_grouped_reference(segs, "col", "sr", rht_block=64,
+                                     seeds=[torch.tensor([s - (1 << 64) if s >= 1 << 63 else s]) for s in seeds],
+                                     offset_col=[torch.tensor([o]) for o in offs], signs_col=given)
+    for e in range(3):
+        ref = quantize_reference(segs[e].t(), -1, "sr", None, 64, given[e], seeds[e], offs[e])
+        assert_same(out[e], ref, f"segment {e}")
+
+
+def test_sign_offset_draws_another_operands_signs():
+    """`sign_offset_col` draws the signs the dY quantizer of the same GEMM draws (per_call policy), while the
+    dither stays at the copy's own offset."""
+    counts = (50, 20)
+    x = permuted_buffer(counts, seed=9)
+    segs = torch.split(x, list(counts))
+    seeds = seeds_for(2)
+    off_x = stream_offset(17, 5, Gemm.WGRAD, Operand.INPUT)
+    out = quantize_grouped_reference(segs, "col", "sr", rht_block=32, seeds=seeds, offset_col=off_x,
+                                     sign_offset_col=OFF_COL)
+    for e in range(2):
+        signs = draw_signs(32, seeds[e], OFF_COL)
+        ref = quantize_reference(segs[e].t(), -1, "sr", None, 32, signs, seeds[e], off_x)
+        assert_same(out[e], ref, f"segment {e}")
+        assert not torch.equal(out[e].signs, draw_signs(32, seeds[e], off_x))
+
+
+def test_layout_sizes_and_errors():
+    lay = grouped_layout([(0, 96), (33, 96), (300, 80)], "dual", 64)
+    assert [s.row_k for s in lay.segments] == [128, 128, 128]
+    assert [s.col_k for s in lay.segments] == [0, 64, 320]
+    assert lay.row_data_bytes == (0 + 33 + 300) * 64
+    assert lay.col_data_bytes == 96 * 32 + 80 * 160
+    assert lay.segments[2].col_data == 96 * 32
+    with pytest.raises(ValueError, match="mode"):
+        grouped_layout([(1, 32)], "both", 0)
+    with pytest.raises(ValueError, match="segments"):
+        quantize_grouped_reference([torch.zeros(2, 32)] * 2, "row", seeds=[1, 2, 3])
+    with pytest.raises(ValueError, match="segment 1"):
+        quantize_grouped_reference([torch.zeros(2, 32), torch.zeros(2, 32, dtype=torch.float16)], "row")
