@@ -150,6 +150,15 @@ void fp8_cast(uintptr_t x_a, int dtype_a, int64_t n_a, uintptr_t codes_a, uintpt
   mxfp4::fp8_cast(ops, count, inv_max, ptr<int32_t>(work), reinterpret_cast<cudaStream_t>(stream));
 }
 
+// Grouped quantize (csrc/mxfp4_quantize.h): `table` is the address of a host int64 array of nseg x
+// kGroupSegmentFields values, read before this returns.
+void quantize_grouped(int dtype, int rht_block, int mode, bool stochastic, uintptr_t table, int nseg, float prescale,
+                      float hadamard_scale, uintptr_t stream) {
+  mxfp4::quantize_grouped_table(static_cast<mxfp4::DType>(dtype), rht_block, static_cast<mxfp4::Mode>(mode), stochastic,
+                                ptr<const int64_t>(table), nseg, prescale, hadamard_scale,
+                                reinterpret_cast<cudaStream_t>(stream));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_mxfp4_cuda, m) {
@@ -191,4 +200,9 @@ PYBIND11_MODULE(_mxfp4_cuda, m) {
         "(csrc/mxfp4_fp8_cast.h).");
   m.def("gemm_hopper_available", &mxfp4::gemm_hopper_available,
         "True when the extension links cuBLASLt (gemm_hopper can run).");
+  m.def("quantize_grouped", &quantize_grouped,
+        "quantize_grouped(dtype, rht_block, mode, stochastic, table, nseg, prescale, hadamard_scale, stream): one "
+        "launch over nseg segments described by a host int64 table (csrc/mxfp4_quantize.h, GroupSegment).");
+  m.attr("GROUP_MAX_SEGMENTS") = mxfp4::kMaxGroupSegments;
+  m.attr("GROUP_SEGMENT_FIELDS") = mxfp4::kGroupSegmentFields;
 }

@@ -140,3 +140,20 @@ def test_layout_sizes_and_errors():
         quantize_grouped_reference([torch.zeros(2, 32)] * 2, "row", seeds=[1, 2, 3])
     with pytest.raises(ValueError, match="segment 1"):
         quantize_grouped_reference([torch.zeros(2, 32), torch.zeros(2, 32, dtype=torch.float16)], "row")
+
+
+def test_dispatch_reference_and_cuda_refusal():
+    from megatron_mxfp4.ops.grouped import quantize_mxfp4_grouped
+
+    counts = (5, 0, 40)
+    segs = torch.split(permuted_buffer(counts, seed=2), list(counts))
+    kw = dict(rht_block=32, seeds=seeds_for(3), offset_row=OFF_ROW, offset_col=OFF_COL)
+    got = quantize_mxfp4_grouped(segs, "dual", "sr", **kw)  # auto on CPU: the reference
+    want = quantize_grouped_reference(segs, "dual", "sr", **kw)
+    for (a, b), (c, d) in zip(got, want):
+        assert_same(a, c, "row")
+        assert_same(b, d, "col")
+    with pytest.raises(RuntimeError, match="cannot run"):
+        quantize_mxfp4_grouped(segs, "dual", "sr", backend="cuda", **kw)
+    with pytest.raises(ValueError, match="backend"):
+        quantize_mxfp4_grouped(segs, "dual", "sr", backend="triton", **kw)
