@@ -157,3 +157,97 @@ def test_dispatch_reference_and_cuda_refusal():
         quantize_mxfp4_grouped(segs, "dual", "sr", backend="cuda", **kw)
     with pytest.raises(ValueError, match="backend"):
         quantize_mxfp4_grouped(segs, "dual", "sr", backend="triton", **kw)
+
+
+class _HostKernel:
+    """A stand-in for the extension's grouped launch that runs on CPU memory: it reads the segment table the
+    dispatcher builds (pointers, sizes, keys, offsets, signs) and writes each copy with `quantize_reference`
+    through the raw pointers, as the kernel does. It checks the dispatcher's table, layouts, chunking and
+    fallbacks without a GPU; the kernel's own numerics are checked against the reference in tests/gpu."""
+
+    GROUP_SEGMENT_FIELDS = 24
+    GROUP_MAX_SEGMENTS = 32
+
+    def __init__(self):
+        self.launches = []
+
+    @staticmethod
+    def tile_shape(dcode, g, mode):
+        return (0, 0) if (dcode == 0 and g == 256 and mode == 3) else (64, 64)
+
+    def quantize_grouped(self, dcode, g, mode, sr, table_addr, nseg, prescale, hscale, stream):
+        import ctypes
+
+        assert nseg <= self.GROUP_MAX_SEGMENTS
+        self.launches.append((mode, nseg))
+        tab = list((ctypes.c_int64 * (nseg * 24)).from_address(table_addr))
+        dtype = {0: torch.float32, 1: torch.bfloat16, 2: torch.float16}[dcode]
+        sz = torch.empty(0, dtype=dtype).element_size()
+
+        def u64(ptr, val):
+            v = ctypes.c_int64.from_address(ptr).value if ptr else val
+            return v & (2**64 - 1)
+
+        def write(ptr, t):
+            b = t.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()
+            if b:
+                ctypes.memmove(ptr, b, len(b))
+
+        for s in range(nseg):
+            f = tab[24 * s: 24 * s + 24]
+            x_ptr, rows, cols, ld = f[0:4]
+            if rows and cols:
+                n = (rows - 1) * ld + cols
+                raw = bytearray((ctypes.c_char * (n * sz)).from_address(x_ptr))
+                x = torch.frombuffer(raw, dtype=dtype).as_strided((rows, cols), (ld, 1))
+            else:
+                x = torch.zeros(rows, cols, dtype=dtype)
+            seed = u64(f[14], f[15])
+            for bit, (data, scales, k, sig, sig_out, op, ov, sp, sv) in (
+                    (1, (f[4], f[5], f[6], f[10], f[11], f[16], f[17], f[20], f[21])),
+                    (2, (f[7], f[8], f[9], f[12], f[13], f[18], f[19], f[22], f[23]))):
+                if not mode & bit:
+                    continue
+                signs = None
+                if g:
+                    if sig:
+                        signs = torch.tensor(list((ctypes.c_float * g).from_address(sig)), dtype=torch.float32)
+                    else:
+                        signs = draw_signs(g, seed, u64(sp, sv))
+                        if sig_out:
+                            write(sig_out, signs)
+                xc = x if bit == 1 else x.t()
+                q = quantize_reference(xc, -1, "sr" if sr else "rtn", prescale, g, signs, seed, u64(op, ov))
+                assert q.data.shape[-1] * 2 == k or (q.data.numel() == 0)
+                if q.data.numel():
+                    write(data, q.data)
+                    write(scales, q.scales)
+
+
+@pytest.mark.parametrize("dtype,g,mode", [(torch.bfloat16, 64, "dual"), (torch.float32, 256, "dual"),
+                                          (torch.float16, 0, "row"), (torch.float32, 32, "col")])
+def test_dispatcher_table_on_host_memory(monkeypatch, dtype, g, mode):
+    from megatron_mxfp4.ops import cuda_quantize as cq
+    from megatron_mxfp4.ops import grouped as gq
+
+    fake = _HostKernel()
+    monkeypatch.setattr(cq, "_ext", fake)
+    monkeypatch.setattr(gq, "supports", lambda x: None)
+    monkeypatch.setattr(cq, "current_stream_handle", lambda d: 0)
+    counts = [0, 1, 31, 33, 64, 300] * 6  # 36 segments: two launches per copy
+    x = permuted_buffer(counts, n=96, dtype=dtype, seed=g)
+    segs = list(torch.split(x, counts))
+    segs[3] = permuted_buffer([33], n=90, dtype=dtype, seed=1)  # another width, rows not whole 16-byte chunks
+    seeds = [torch.tensor([s - (1 << 64) if s >= 1 << 63 else s]) if i % 2 else s
+             for i, s in enumerate(seeds_for(len(segs)))]
+    signs = [draw_signs(g, 3, i) if (g and i % 3 == 0) else None for i in range(len(segs))]
+    kw = dict(rht_block=g, seeds=seeds, offset_row=OFF_ROW, offset_col=[OFF_COL + (i << 8) for i in range(len(segs))],
+              signs_row=signs, sign_offset_col=torch.tensor([OFF_ROW]) if mode == "col" else None)
+    got = gq.quantize_grouped_cuda(segs, mode, "sr", **kw)
+    want = quantize_grouped_reference(segs, mode, "sr", **kw)
+    launches = 2 if not (dtype == torch.float32 and g == 256 and mode == "dual") else 4
+    assert len(fake.launches) == launches and max(n for _, n in fake.launches) == 32
+    for e, (a, b) in enumerate(zip(got, want)):
+        pairs = zip(a, b) if mode == "dual" else [(a, b)]
+        for qa, qb in pairs:
+            assert_same(qa, qb, f"segment {e}")
