@@ -134,6 +134,9 @@ def test_layout_sizes_and_errors():
     assert lay.row_data_bytes == (0 + 33 + 300) * 64
     assert lay.col_data_bytes == 96 * 32 + 80 * 160
     assert lay.segments[2].col_data == 96 * 32
+    # every block starts 16-byte aligned: segment 1's row scales take 33 * 4 = 132 bytes, padded to 144
+    assert lay.segments[2].row_scales == 144 and all(s.row_scales % 16 == 0 and s.col_scales % 16 == 0
+                                                     for s in lay.segments)
     with pytest.raises(ValueError, match="mode"):
         grouped_layout([(1, 32)], "both", 0)
     with pytest.raises(ValueError, match="segments"):

@@ -65,7 +65,8 @@ class GroupedLayout:
 def grouped_layout(shapes: Sequence[Tuple[int, int]], mode: str, rht_block: int) -> GroupedLayout:
     """The shared-buffer layout for segments of `shapes` [(T_e, N_e)] under `mode`: row copy of segment e
     (data [T_e, Kr_e/2], scales [T_e, Kr_e/32], Kr_e = padded N_e) and col copy (data [N_e, Kc_e/2], scales
-    [N_e, Kc_e/32], Kc_e = padded T_e), each placed right after segment e - 1's in its buffer."""
+    [N_e, Kc_e/32], Kc_e = padded T_e), each placed after segment e - 1's in its buffer at the next multiple
+    of `SEGMENT_ALIGN` bytes (the gaps are never read)."""
     if mode not in GROUPED_MODES:
         raise ValueError(f"grouped quantize mode must be one of {GROUPED_MODES}, got {mode!r}")
     row, col = mode in ("row", "dual"), mode in ("col", "dual")
@@ -77,12 +78,21 @@ def grouped_layout(shapes: Sequence[Tuple[int, int]], mode: str, rht_block: int)
         ck = padded_size(t, rht_block) if col else 0
         segs.append(SegmentLayout(t, n, rk, rd, rs, ck, cd, cs))
         if row:
-            rd += t * rk // 2
-            rs += t * rk // fmt.BLOCK
+            rd += _aligned(t * rk // 2)
+            rs += _aligned(t * rk // fmt.BLOCK)
         if col:
-            cd += n * ck // 2
-            cs += n * ck // fmt.BLOCK
+            cd += _aligned(n * ck // 2)
+            cs += _aligned(n * ck // fmt.BLOCK)
     return GroupedLayout(tuple(segs), rd, rs, cd, cs)
+
+
+#: Every segment's block starts at a multiple of this many bytes in its buffer (as a GEMM's operands are
+#: aligned; packed rows are whole multiples of 16 bytes already, so the row data stays one matrix).
+SEGMENT_ALIGN = 16
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // SEGMENT_ALIGN) * SEGMENT_ALIGN
 
 
 def per_segment(name: str, value, n: int) -> list:
