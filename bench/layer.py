@@ -148,6 +148,7 @@ def bench_arm(arm: C.Arm, shape: dict, args, device, tp: int, flush) -> dict:
         fwd(st[0]).backward(st[1])
 
     kw = dict(warmup=args.warmup, iters=args.iters, flush=flush)
+    launches0 = _grouped_launches()
     t_fwd = C.measure(fwd, device, setup=lambda i: rot(i)[0], **kw)
     t_bwd = C.measure(lambda st: st[0].backward(st[1]), device, setup=bwd_setup, **kw)
     t_fb = C.measure(fb_run, device, setup=fb_setup, **kw)
@@ -158,17 +159,30 @@ def bench_arm(arm: C.Arm, shape: dict, args, device, tp: int, flush) -> dict:
                fwd=t_fwd.as_dict(), bwd=t_bwd.as_dict(), fwd_bwd=t_fb.as_dict(),
                tflops_fwd_bwd=3 * f / (t_fb.median * 1e-3) / 1e12, tokens_per_s=s * b / (t_fb.median * 1e-3),
                peak_mib=None if peak is None else round(peak, 1), kernels=kernels,
+               grouped_quantize_launches=_grouped_launches() - launches0,
                mxfp4_linears=sum(1 for m in layer.modules() if getattr(m, "recipe", None) is not None
                                  and type(m).__name__.startswith("MXFP4")))
     return row
 
 
-#: kernel-name fragments of the MXFP4 quantizers (csrc/mxfp4_quantize_kernel.cuh) and of the E4M3-tile layout
-QUANTIZER_KERNELS = ("quantize_kernel", "to_e4m3_tiles_kernel", "mask_flagged_kernel")
+def _grouped_launches() -> int:
+    """Grouped quantize launches made so far by MoE layers (`megatron.grouped_experts`: FC2 operands of all
+    local experts), on any backend (the CPU smoke runs the grouped reference)."""
+    from megatron_mxfp4.megatron import grouped_experts
+
+    return grouped_experts.STATS["launches"]
+
+
+#: kernel-name fragments of the MXFP4 quantizers (csrc/mxfp4_quantize_kernel.cuh, the grouped one of an MoE
+#: layer's experts, csrc/mxfp4_quantize_grouped.cuh) and of the E4M3-tile layout
+GROUPED_QUANTIZER_KERNEL = "quantize_grouped_kernel"
+QUANTIZER_KERNELS = ("quantize_kernel", GROUPED_QUANTIZER_KERNEL, "to_e4m3_tiles_kernel", "mask_flagged_kernel")
 
 
 def kernel_census(step, device, repeats: int = 3) -> Optional[dict]:
-    """CUDA kernels per `step` and the share of their GPU time spent in the quantizers (torch.profiler)."""
+    """CUDA kernels per `step`, the share of their GPU time spent in the quantizers and in the grouped quantizer
+    alone (MoE experts: one launch per layer for the FC2 operands of all local experts), and its launches per
+    step (torch.profiler)."""
     if device.type != "cuda":
         return None
     from torch.profiler import ProfilerActivity, profile
@@ -183,7 +197,10 @@ def kernel_census(step, device, repeats: int = 3) -> Optional[dict]:
               and not e.name.startswith(("Memcpy", "Memset"))]
     total = sum(e.device_time for e in events) or 1.0
     quant = sum(e.device_time for e in events if any(k in e.name for k in QUANTIZER_KERNELS))
-    return dict(per_step=len(events) / repeats, quantizer_share=quant / total)
+    grouped = [e for e in events if GROUPED_QUANTIZER_KERNEL in e.name]
+    return dict(per_step=len(events) / repeats, quantizer_share=quant / total,
+                grouped_quantizer_share=sum(e.device_time for e in grouped) / total,
+                grouped_launches_per_step=len(grouped) / repeats)
 
 
 def add_ratios(rows) -> None:
@@ -218,17 +235,20 @@ def markdown(result: dict, arms) -> str:
     table = []
     for r in result["rows"]:
         if "error" in r:
-            table.append([r["arm"], "", f"error: {r['error'][:80]}"] + [""] * 11)
+            table.append([r["arm"], "", f"error: {r['error'][:80]}"] + [""] * 13)
             continue
         xb, xf = r.get("x_bf16") or {}, r.get("x_te_fp8") or {}
         table.append([r["arm"], r["base_spec"], C.fmt(r["fwd"]["ms"]), C.fmt(r["bwd"]["ms"]), C.fmt(r["fwd_bwd"]["ms"]),
                       C.fmt(r["tflops_fwd_bwd"]), C.fmt(r["tokens_per_s"]), r["bf16_reference"],
                       C.fmt(xb.get("fwd_bwd")), C.fmt(xb.get("bwd")), C.fmt(xf.get("fwd_bwd")), C.fmt(r["peak_mib"]),
                       C.fmt((r.get("kernels") or {}).get("per_step")),
-                      C.fmt((r.get("kernels") or {}).get("quantizer_share"))])
+                      C.fmt((r.get("kernels") or {}).get("quantizer_share")),
+                      C.fmt((r.get("kernels") or {}).get("grouped_quantizer_share")),
+                      C.fmt((r.get("kernels") or {}).get("grouped_launches_per_step"))])
     lines.append(C.markdown_table(["arm", "base spec", "fwd ms", "bwd ms", "fwd+bwd ms", "TFLOP/s", "tokens/s",
                                    "BF16 ref", "fwd+bwd × BF16", "bwd × BF16", "fwd+bwd × TE FP8", "peak MiB",
-                                   "kernels / step", "quantizer share"], table))
+                                   "kernels / step", "quantizer share", "grouped quantizer share",
+                                   "grouped launches / step"], table))
     lines += ["", "## Arms", "", C.arms_table(arms)]
     return "\n".join(lines) + "\n"
 
@@ -244,7 +264,10 @@ def main(argv=None):
     ap.add_argument("--experts", type=int, default=0, help="MoE: routed experts per layer (0 = a dense MLP)")
     ap.add_argument("--topk", type=int, default=2, help="MoE: experts per token")
     ap.add_argument("--part", choices=("layer", "mlp"), default="layer", help="the whole layer, or its MLP alone")
-    ap.add_argument("--kernels", action="store_true", help="also count kernels per step and the quantizers' share")
+    ap.add_argument("--kernels", action="store_true", help="also count kernels per step and the quantizers' share "
+                    "(the grouped MoE expert quantizer's share and launches beside it)")
+    ap.add_argument("--no-grouped-experts", action="store_true",
+                    help="MoE: each expert quantizes its own FC2 operands (no grouped launch), for comparison")
     ap.add_argument("--arms", default="all", help="comma-separated name patterns (suffix @te: ours on the TE spec)")
     ap.add_argument("--gs", default="0,64,256")
     ap.add_argument("--roundings", default="sr,rtn")
@@ -277,6 +300,10 @@ def main(argv=None):
         shape.update(experts=args.experts, topk=args.topk, ffn=shape["ffn"] // 4)
     args.warmup = 5 if args.warmup is None else args.warmup
     args.iters = 20 if args.iters is None else args.iters
+    if args.no_grouped_experts:
+        from megatron_mxfp4.megatron import grouped_experts
+
+        grouped_experts.ENABLED = False
     backend = "reference" if device.type == "cpu" and args.backend == "auto" else args.backend
     try:
         gs = [int(g) for g in args.gs.split(",")]

@@ -214,6 +214,15 @@ uint64_t backward_hopper_workspace_size(int64_t t, int64_t in, int64_t out, int 
   return mxfp4::backward_hopper_workspace_size(p);
 }
 
+// Grouped quantize (csrc/mxfp4_quantize.h): `table` is the address of a host int64 array of nseg x
+// kGroupSegmentFields values, read before this returns.
+void quantize_grouped(int dtype, int rht_block, int mode, bool stochastic, uintptr_t table, int nseg, float prescale,
+                      float hadamard_scale, uintptr_t stream) {
+  mxfp4::quantize_grouped_table(static_cast<mxfp4::DType>(dtype), rht_block, static_cast<mxfp4::Mode>(mode), stochastic,
+                                ptr<const int64_t>(table), nseg, prescale, hadamard_scale,
+                                reinterpret_cast<cudaStream_t>(stream));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_mxfp4_cuda, m) {
@@ -265,4 +274,9 @@ PYBIND11_MODULE(_mxfp4_cuda, m) {
         "bytes of workspace backward_hopper needs.");
   m.def("gemm_hopper_available", &mxfp4::gemm_hopper_available,
         "True when the extension links cuBLASLt (gemm_hopper can run).");
+  m.def("quantize_grouped", &quantize_grouped,
+        "quantize_grouped(dtype, rht_block, mode, stochastic, table, nseg, prescale, hadamard_scale, stream): one "
+        "launch over nseg segments described by a host int64 table (csrc/mxfp4_quantize.h, GroupSegment).");
+  m.attr("GROUP_MAX_SEGMENTS") = mxfp4::kMaxGroupSegments;
+  m.attr("GROUP_SEGMENT_FIELDS") = mxfp4::kGroupSegmentFields;
 }

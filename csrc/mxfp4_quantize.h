@@ -58,4 +58,62 @@ void quantize(DType dtype, int g, Mode mode, bool stochastic, const QuantizePara
 // does not exist (float32 dual with g = 256 does not fit in shared memory: run kRow and kCol).
 void tile_shape(DType dtype, int g, Mode mode, int* tile_rows, int* tile_cols);
 
+// ------------------------------------------------------------------------------------------------
+// Grouped quantize: many independent matrices ("segments": the local experts of an MoE layer) in one
+// launch. Segment s is quantized exactly as `quantize` would quantize it on its own with the same fields
+// (its own seed, offsets, signs, outputs and padded lengths; the Philox index restarts in every segment):
+// the kernel covers each segment with its own tiles (a tile never straddles two segments), and a small
+// prefix table (`tile_start`) maps a tile to its segment. Signs that are drawn (signs null) come from the
+// sign stream at (seed, *_sign_offset), which the caller sets to the copy's offset for `quantize`'s
+// behaviour, or to another operand's offset to draw that operand's signs. Drawn signs are written to
+// *_signs_out even for a segment without rows.
+struct GroupSegment {
+  const void* x = nullptr;
+  int64_t rows = 0, cols = 0, ld = 0;
+  uint8_t* row_data = nullptr;
+  uint8_t* row_scales = nullptr;
+  int64_t row_k = 0;
+  uint8_t* col_data = nullptr;
+  uint8_t* col_scales = nullptr;
+  int64_t col_k = 0;
+  const float* row_signs = nullptr;
+  float* row_signs_out = nullptr;
+  const float* col_signs = nullptr;
+  float* col_signs_out = nullptr;
+  const int64_t* seed_ptr = nullptr;
+  uint64_t seed = 0;
+  const int64_t* row_offset_ptr = nullptr;
+  uint64_t row_offset = 0;
+  const int64_t* col_offset_ptr = nullptr;
+  uint64_t col_offset = 0;
+  const int64_t* row_sign_offset_ptr = nullptr;
+  uint64_t row_sign_offset = 0;
+  const int64_t* col_sign_offset_ptr = nullptr;
+  uint64_t col_sign_offset = 0;
+  int64_t tile_start = 0;  // first tile of the segment (filled in by the launcher)
+};
+
+// Segments per launch (the table travels in the kernel's parameters, so a captured CUDA graph replays it).
+constexpr int kMaxGroupSegments = 32;
+// int64 fields per segment in the flat host table that `quantize_grouped_table` reads (GroupSegment's
+// fields in order, without tile_start).
+constexpr int kGroupSegmentFields = 24;
+
+struct GroupedParams {
+  GroupSegment seg[kMaxGroupSegments];
+  int nseg = 0;
+  int64_t ntiles = 0;  // total over all segments (filled in by the launcher)
+  float prescale = 1.0f;
+  float hadamard_scale = 1.0f;
+};
+
+// One launch for segments seg[0 .. nseg) (nseg <= kMaxGroupSegments), modes and dtypes as `quantize`
+// (one dtype for all segments). Throws std::invalid_argument / std::runtime_error as `quantize`.
+void quantize_grouped(DType dtype, int g, Mode mode, bool stochastic, const GroupedParams& p, cudaStream_t stream);
+
+// The same from a host table of nseg x kGroupSegmentFields int64 values (pointers and the bits of unsigned
+// values as int64).
+void quantize_grouped_table(DType dtype, int g, Mode mode, bool stochastic, const int64_t* table, int nseg,
+                            float prescale, float hadamard_scale, cudaStream_t stream);
+
 }  // namespace mxfp4

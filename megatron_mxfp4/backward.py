@@ -48,13 +48,18 @@ _SLOT = {k: i for i, k in enumerate(DEVICE_SLOTS)}
 class StreamKey:
     """Identifies one call of one layer: its random bits (seed, layer id, call index) and, for
     diagnostics, the layer's name ("" = not reported). `offsets`: the call's offsets computed on the device
-    (`DeviceCalls`), int64 [4] in `DEVICE_SLOTS` order, which then replace the host's `call`."""
+    (`DeviceCalls`), int64 [4] in `DEVICE_SLOTS` order, which then replace the host's `call`. `group`: see
+    the field."""
 
     seed: int
     layer: int
     call: int
     name: str = ""
     offsets: Optional[torch.Tensor] = field(default=None, compare=False)
+    #: optional provider of operands quantized ahead of this call (a grouped quantize of an MoE layer's experts,
+    #: `megatron.grouped_experts`): `grad_output_operands(key, dy)` -> (qdy dgrad, qdy wgrad) or None and
+    #: `input_operand(key, x, signs)` -> qx or None, each only for exactly the tensor it quantized
+    group: Optional[object] = field(default=None, compare=False, repr=False)
 
     def offset(self, gemm: Gemm, operand: Operand):
         """The operand's Philox offset: an int, or a one-element int64 view of `offsets` on a GPU (read there
@@ -192,6 +197,10 @@ def grad_output_operands(dy: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey, 
             and dy.numel() and diagnostics.gemm_quantized(key.name, "dgrad")
             and diagnostics.gemm_quantized(key.name, "wgrad")):
         return None, None
+    if key.group is not None:  # quantized ahead, with the same bits (a grouped launch)
+        ready = key.group.grad_output_operands(key, dy)
+        if ready is not None:
+            return ready
     return quantize_grad_output(dy, recipe, key)
 
 
@@ -238,7 +247,9 @@ def wgrad(dy: torch.Tensor, x: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey
     a = qdy if qdy is not None else _quantize(dy.t(), recipe, key, Gemm.WGRAD, Operand.GRAD_OUTPUT,
                                               _dual_signs(recipe, key, Gemm.WGRAD, dy.device))
     signs = a.signs
-    b = _quantize(x.t(), recipe, key, Gemm.WGRAD, Operand.INPUT, signs)
+    b = key.group.input_operand(key, x, signs) if key.group is not None else None
+    if b is None:
+        b = _quantize(x.t(), recipe, key, Gemm.WGRAD, Operand.INPUT, signs)
     if diagnostics.sampling():  # the statistics need dW on its own
         out = mxfp4_gemm(a, b, out_dtype=torch.float32, backend=recipe.gemm_backend)
         diagnostics.measure_gemm(key.name, "wgrad", exact, out, dy.t(), a, x.t(), b, signs)

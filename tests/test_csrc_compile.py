@@ -4,7 +4,7 @@ The kernels are torch-free CUDA C++ behind pybind11, so this needs neither a GPU
 By default a representative subset is compiled to keep the test short: the binding, the
 dispatcher and the dual kernels of the three input types (a dual kernel contains both the row and
 the column code paths; the row-only and column-only files instantiate the same code with other tile
-shapes); with MXFP4_COMPILE_CHECK=all every translation unit is compiled, the
+shapes), and the grouped kernel's dispatcher and BF16 instantiations; with MXFP4_COMPILE_CHECK=all every translation unit is compiled, the
 pybind11 module is linked and imported, and a host-only function is called.
 """
 import importlib.util
@@ -25,7 +25,7 @@ NVCC = csrc_build.nvcc_path()
 ARCHS = ("90a", "100a")
 SUBSET = ("binding.cpp", "mxfp4_quantize.cu", "mxfp4_quantize_bf16_dual.cu", "mxfp4_quantize_f32_dual.cu",
           "mxfp4_quantize_f16_dual.cu", "mxfp4_tiles.cu", "mxfp4_rows.cu", "mxfp4_fp8_cast.cu", "mxfp4_backward_hopper.cu",
-          "mxfp4_gemm_hopper.cu")
+          "mxfp4_gemm_hopper.cu", "mxfp4_quantize_grouped.cu", "mxfp4_quantize_grouped_bf16.cu")
 
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found")
 

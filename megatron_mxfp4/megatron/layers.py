@@ -41,6 +41,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from .. import backward as bwd  # noqa: E402
 from ..numerics.streams import derive_seed, expert_seed  # noqa: E402
 from ..recipe import MXFP4Recipe  # noqa: E402
+from . import grouped_experts  # noqa: E402
 from .function import mxfp4_parallel_linear  # noqa: E402
 
 # `_forward_impl` keywords of megatron-core 0.19 ...
@@ -176,8 +177,11 @@ class _MXFP4ParallelMixin:
             _warn_once(fallback, f"megatron_mxfp4: {fallback} is not covered by the MXFP4 layers; "
                                  f"{self.mxfp4_name} and layers like it use megatron-core's stock (BF16) path")
             return super()._forward_impl(input, weight, **kwargs)
+        key = self._stream_key(weight.device)
+        if self.is_expert:  # an FC2 expert of a grouped SequentialMLP gets its layer's group
+            key = grouped_experts.register(self, key, input)
         return mxfp4_parallel_linear(
-            input, weight, kwargs.get("bias"), self.recipe, self._stream_key(weight.device),
+            input, weight, kwargs.get("bias"), self.recipe, key,
             gradient_accumulation_fusion=bool(kwargs.get("gradient_accumulation_fusion", False)),
             allreduce_dgrad=bool(kwargs.get("allreduce_dgrad", False)),
             sequence_parallel=bool(kwargs.get("sequence_parallel", False)),

@@ -39,6 +39,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
 from megatron.core.transformer.transformer_layer import TransformerLayer  # noqa: E402
 
 from ..recipe import MXFP4Recipe  # noqa: E402
+from . import grouped_experts  # noqa: E402
 from .layers import (  # noqa: E402
     APEX_FUSION,
     LM_HEAD_LAYER_ID,
@@ -119,6 +120,9 @@ class MXFP4TransformerLayer(TransformerLayer):
             # index and, for an expert, the global expert index
             m.set_mxfp4(self._layer_recipe(m.recipe), layer_id=_LAYER_SLOTS * number + slot,
                         name=f"decoder.layers.{number - 1}.{rel}", expert=expert)
+        for seq in self.modules():  # the experts' FC2 backward quantizers: one grouped launch per layer
+            if isinstance(seq, SequentialMLP):
+                grouped_experts.install(seq)
 
     def _layer_recipe(self, recipe: Optional[MXFP4Recipe]) -> Optional[MXFP4Recipe]:
         if recipe is not None and not getattr(self, "is_mtp_layer", False):

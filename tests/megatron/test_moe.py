@@ -84,3 +84,12 @@ def test_launch_flags_with_num_experts(moe_results):
                             "experts.local_experts.0.linear_fc2:MXFP4RowParallelLinear",
                             "experts.local_experts.1.linear_fc1:MXFP4ColumnParallelLinear",
                             "experts.local_experts.1.linear_fc2:MXFP4RowParallelLinear", "router:TopKRouter"]
+
+
+def test_grouped_fc2_quantize_equals_per_expert(moe_results):
+    """One grouped launch for the FC2 dY (dual) and X operands of all local experts: bit-identical dX and
+    gradients to each expert quantizing its own, and the experts did take the grouped operands."""
+    r = scenario(moe_results, "moe_grouped_quantize")
+    for name, case in r.items():
+        assert case["equal"], (name, case)
+        assert case["used"] == {"launches": 2, "grad_output_hits": 3, "input_hits": 3}, (name, case)
