@@ -269,9 +269,11 @@ def fused_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, reci
     native call (`ops.hopper_backward`) where it applies: both GEMMs in MXFP4, the dispatcher's choice the
     compiled quantizer and the `hopper` GEMM, no diagnostics sampling or guard override, operands it reads as
     they are. The same kernels with the same arguments as the two Python calls, so the same bits; None where
-    it does not apply (the caller then runs `grad_input` and `grad_weight`). dy [T, out], x [T, in],
-    weight [out, in]."""
+    it does not apply, or where a grouped launch (MoE experts, `key.group`) quantized the operands ahead (the
+    caller then runs `grad_input` and `grad_weight`). dy [T, out], x [T, in], weight [out, in]."""
     if not (dy.is_cuda and recipe.dgrad and recipe.wgrad and recipe.backward_format == "mxfp4"):
+        return None
+    if key.group is not None:  # an MoE expert whose operands a grouped launch quantized ahead
         return None
     if diagnostics.sampling() or not (diagnostics.gemm_quantized(key.name, "dgrad")
                                       and diagnostics.gemm_quantized(key.name, "wgrad")):
