@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_mxfp4.numerics.quantize import quantize_reference  # noqa: E402
 from megatron_mxfp4.numerics.rht import draw_signs  # noqa: E402
 from megatron_mxfp4.ops import quantize_mxfp4, quantize_mxfp4_dual  # noqa: E402
-from megatron_mxfp4.ops import cuda_quantize  # noqa: E402
+from megatron_mxfp4.ops import cuda_quantize, cvt_rs  # noqa: E402
 
 from common import events_median, graph_time  # noqa: E402,F401  (bench/common.py)
 
@@ -62,7 +62,9 @@ def bench_kernels(shapes, gs, roundings, modes, copy_tbs, rows):
         for g in gs:
             s1 = draw_signs(g, 1, 2, "cuda") if g else None
             s2 = draw_signs(g, 1, 3, "cuda") if g else None
-            for rounding in roundings:
+            for rounding_arm in roundings:
+                # "sr-soft": SR with the software rule where the cvt.rs self-test allowed the instruction
+                rounding = "sr" if rounding_arm == "sr-soft" else rounding_arm
                 for mode in modes:
                     state = {"i": 0}
 
@@ -83,12 +85,19 @@ def bench_kernels(shapes, gs, roundings, modes, copy_tbs, rows):
                                                          signs_col=s2, seed=7, offset_row=1, offset_col=2,
                                                          backend="cuda")
                         copies = 2
-                    ms = graph_time(fn, reps=10 if nbuf == 1 else 8)
+                    dev = torch.cuda.current_device()
+                    feed = cuda_quantize._ext.hw_sr_feed(dev)
+                    if rounding_arm == "sr-soft":  # a captured graph keeps the feed it was captured with
+                        cuda_quantize._ext.set_hw_sr_feed(dev, 0)
+                    try:
+                        ms = graph_time(fn, reps=10 if nbuf == 1 else 8)
+                    finally:
+                        cuda_quantize._ext.set_hw_sr_feed(dev, feed)
                     tbs = effective_bytes(t * n, copies) / (ms * 1e-3) / 1e12
-                    row = dict(shape=[t, n], mode=mode, g=g, rounding=rounding, ms=round(ms, 5),
+                    row = dict(shape=[t, n], mode=mode, g=g, rounding=rounding_arm, ms=round(ms, 5),
                                tb_s=round(tbs, 4), frac_copy=round(tbs / copy_tbs, 4))
                     rows.append(row)
-                    print(f"{t:>6}x{n:<6} {mode:<10} g={g:<3} {rounding:<3} {ms * 1e3:9.1f} us  "
+                    print(f"{t:>6}x{n:<6} {mode:<10} g={g:<3} {rounding_arm:<3} {ms * 1e3:9.1f} us  "
                           f"{tbs:6.3f} TB/s  {100 * tbs / copy_tbs:5.1f}% of copy", flush=True)
         xs.clear()
         torch.cuda.empty_cache()
@@ -128,7 +137,10 @@ def bench_reference(copy_tbs, rows, compile_too: bool, eager: bool = True):
 def markdown(result) -> str:
     lines = [f"# MXFP4 quantize kernels on {result['device']}", "",
              f"Command: `{result['command']}`  ", f"torch {result['torch']}, copy bandwidth "
-             f"{result['copy_tb_s']:.3f} TB/s (read + write of a 4 GiB buffer, median of eager copies).", "",
+             f"{result['copy_tb_s']:.3f} TB/s (read + write of a 4 GiB buffer, median of eager copies).",
+             f"SR rounding: {result.get('sr_rule', 'the software rule')}"
+             + (" (sr-soft rows: the software rule)." if result.get("sr_rule", "the software rule") != "the software rule"
+                else "."), "",
              "Effective TB/s = (2 B read + 0.53 B written per element and copy) / time.", "",
              "| shape [T, N] | mode | g | rounding | µs | TB/s | % of copy |", "|---|---|---|---|---|---|---|"]
     for r in result["results"]:
@@ -179,17 +191,21 @@ def main():
             f.write(markdown(result))
         return
     copy_tbs = copy_bandwidth()
-    print(f"device {torch.cuda.get_device_name()}  copy bandwidth {copy_tbs:.3f} TB/s", flush=True)
+    # the first SR quantize runs the cvt.rs self-test (Blackwell); its verdict decides the SR arms
+    quantize_mxfp4(torch.randn(64, 64, device="cuda"), -1, rounding="sr", backend="cuda")
+    sr_rule = cvt_rs.describe(cvt_rs.feed_in_use(torch.device("cuda", torch.cuda.current_device())))
+    print(f"device {torch.cuda.get_device_name()}  copy bandwidth {copy_tbs:.3f} TB/s  SR: {sr_rule}", flush=True)
     rows = []
     shapes = [(8192, 16384)] if args.quick else SHAPES
     gs = GS
-    bench_kernels(shapes, gs, ("sr", "rtn"), ("rowwise", "columnwise", "dual"), copy_tbs, rows)
+    roundings = ("sr", "rtn") + (("sr-soft",) if sr_rule != cvt_rs.describe(0) else ())
+    bench_kernels(shapes, gs, roundings, ("rowwise", "columnwise", "dual"), copy_tbs, rows)
     bench_reference(copy_tbs, rows, compile_too=not args.no_compile)
     rows.append(dict(note="copy bandwidth inside a CUDA graph (copy-engine memcpy node), for reference",
                      tb_s=round(graph_copy_bandwidth(), 4)))
     result = dict(command="python " + " ".join(sys.argv), device=torch.cuda.get_device_name(),
                   capability=list(torch.cuda.get_device_capability()), torch=torch.__version__,
-                  copy_tb_s=round(copy_tbs, 4), results=rows)
+                  copy_tb_s=round(copy_tbs, 4), sr_rule=sr_rule, results=rows)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

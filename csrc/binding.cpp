@@ -223,6 +223,12 @@ void quantize_grouped(int dtype, int rht_block, int mode, bool stochastic, uintp
                                 reinterpret_cast<cudaStream_t>(stream));
 }
 
+void hw_sr_probe(uintptr_t v, uintptr_t rbits, uintptr_t out, int64_t n4, uint32_t feed, uintptr_t compiled,
+                 uintptr_t stream) {
+  mxfp4::hw_sr_probe(ptr<const float>(v), ptr<const uint32_t>(rbits), ptr<uint16_t>(out), n4, feed,
+                     ptr<int32_t>(compiled), reinterpret_cast<cudaStream_t>(stream));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_mxfp4_cuda, m) {
@@ -277,6 +283,14 @@ PYBIND11_MODULE(_mxfp4_cuda, m) {
   m.def("quantize_grouped", &quantize_grouped,
         "quantize_grouped(dtype, rht_block, mode, stochastic, table, nseg, prescale, hadamard_scale, stream): one "
         "launch over nseg segments described by a host int64 table (csrc/mxfp4_quantize.h, GroupSegment).");
+  m.def("set_hw_sr_feed", &mxfp4::set_hw_sr_feed, py::arg("device"), py::arg("feed"),
+        "The feed of Blackwell's stochastic E2M1 conversion that the SR kernels use on `device` (0: the software "
+        "rule, the default; csrc/mxfp4_cvt_rs.cuh). Set only after the self-test passed.");
+  m.def("hw_sr_feed", &mxfp4::hw_sr_feed, py::arg("device"), "The feed set for `device` (0: the software rule).");
+  m.def("hw_sr_probe", &hw_sr_probe, py::call_guard<py::gil_scoped_release>(),
+        "hw_sr_probe(v, rbits, out, n4, feed, compiled, stream): the instruction's codes of n4 groups of four float32 "
+        "values under `feed` (out: uint16 per group; *compiled: int32, 1 where this device's code has the "
+        "instruction).");
   m.attr("GROUP_MAX_SEGMENTS") = mxfp4::kMaxGroupSegments;
   m.attr("GROUP_SEGMENT_FIELDS") = mxfp4::kGroupSegmentFields;
 }

@@ -1,4 +1,6 @@
-// Dispatch of mxfp4::quantize over (dtype, mode) to the per-file launchers, and argument checks.
+// Dispatch of mxfp4::quantize over (dtype, mode) to the per-file launchers, and argument checks; the per-device
+// feed of Blackwell's stochastic conversion and its probe (mxfp4_cvt_rs.cuh).
+#include <atomic>
 #include <stdexcept>
 #include <string>
 
@@ -24,7 +26,45 @@ static void require(bool ok, const std::string& msg) {
 
 static int element_size(DType d) { return d == kFloat32 ? 4 : 2; }
 
+constexpr int kMaxFeedDevices = 64;
+static std::atomic<uint32_t> g_hw_sr_feed[kMaxFeedDevices];  // zero-initialized (static storage): the software rule
+
+__global__ void hw_sr_probe_kernel(const float4* v, const uint32_t* rbits, uint16_t* out, int64_t n4, uint32_t feed,
+                                   int32_t* compiled) {
+#if MXFP4_HAS_CVT_RS
+  if (blockIdx.x == 0 && threadIdx.x == 0) *compiled = 1;
+  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < n4;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float4 x = v[j];
+    out[j] = static_cast<uint16_t>(cvt_rs_e2m1x4(hw_sr_value(x.x, feed), hw_sr_value(x.y, feed), hw_sr_value(x.z, feed),
+                                                 hw_sr_value(x.w, feed), hw_sr_bits(rbits[j], feed)));
+  }
+#else
+  if (blockIdx.x == 0 && threadIdx.x == 0) *compiled = 0;
+#endif
+}
+
 }  // namespace detail
+
+void set_hw_sr_feed(int device, uint32_t feed) {
+  detail::require(device >= 0 && device < detail::kMaxFeedDevices, "device index " + std::to_string(device) + " out of range");
+  detail::g_hw_sr_feed[device].store(feed, std::memory_order_relaxed);
+}
+
+uint32_t hw_sr_feed(int device) {
+  return device >= 0 && device < detail::kMaxFeedDevices ? detail::g_hw_sr_feed[device].load(std::memory_order_relaxed) : 0u;
+}
+
+void hw_sr_probe(const float* v, const uint32_t* rbits, uint16_t* out, int64_t n4, uint32_t feed, int32_t* compiled,
+                 cudaStream_t stream) {
+  using namespace detail;
+  require(n4 >= 0, "negative probe size");
+  require(reinterpret_cast<uintptr_t>(v) % 16 == 0, "probe values must be 16-byte aligned");
+  const int64_t blocks = n4 > 0 ? (n4 + 255) / 256 : 1;
+  hw_sr_probe_kernel<<<static_cast<unsigned>(blocks < 1024 ? blocks : 1024), 256, 0, stream>>>(
+      reinterpret_cast<const float4*>(v), rbits, out, n4, feed, compiled);
+  check_cuda(cudaGetLastError(), "probe launch");
+}
 
 void tile_shape(DType dtype, int g, Mode mode, int* tile_rows, int* tile_cols) {
   using namespace detail;

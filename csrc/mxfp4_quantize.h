@@ -48,7 +48,26 @@ struct QuantizeParams {
   uint64_t seed = 0;
   float prescale = 1.0f;
   float hadamard_scale = 1.0f;  // float32(1/sqrt(g))
+  uint32_t hw_sr = 0;  // set by `quantize` from the device's feed (mxfp4_cvt_rs.cuh); callers leave it 0
 };
+
+// ------------------------------------------------------------------------------------------------
+// Blackwell's stochastic E2M1 conversion as the SR path (mxfp4_cvt_rs.cuh): a per-device *feed* says how the
+// kernels hand the contract's random words and values to `cvt.rs.satfinite.e2m1x4.f32`; 0 (the default) keeps
+// the software rule. The host sets a feed only after a bit-for-bit self-test (megatron_mxfp4/ops/cvt_rs.py).
+constexpr uint32_t kHwSrOn = 1u;          // use the instruction
+constexpr uint32_t kHwSrComplement = 2u;  // random bytes r -> 255 - r
+constexpr uint32_t kHwSrBias = 4u;        // values v -> v + sign(v) gap(v) / 512, toward zero
+// bits 16-31: the byte_perm selector applied to the random word first (0x3210 = byte k to value k)
+
+void set_hw_sr_feed(int device, uint32_t feed);
+uint32_t hw_sr_feed(int device);
+
+// The self-test's probe: out[j] = the instruction's four codes of v[4j .. 4j+3] (v[4j] in bits 3:0) with random
+// word rbits[j], both passed through `feed`; *compiled = 1 where this device's code has the instruction (else 0,
+// and out is not written). n4 groups of four; v 16-byte aligned.
+void hw_sr_probe(const float* v, const uint32_t* rbits, uint16_t* out, int64_t n4, uint32_t feed, int32_t* compiled,
+                 cudaStream_t stream);
 
 // Launches the kernel for (dtype, g, mode, stochastic) on `stream`. Throws std::invalid_argument for
 // bad arguments and std::runtime_error for CUDA errors.
@@ -105,6 +124,7 @@ struct GroupedParams {
   int64_t ntiles = 0;  // total over all segments (filled in by the launcher)
   float prescale = 1.0f;
   float hadamard_scale = 1.0f;
+  uint32_t hw_sr = 0;  // as QuantizeParams::hw_sr
 };
 
 // One launch for segments seg[0 .. nseg) (nseg <= kMaxGroupSegments), modes and dtypes as `quantize`

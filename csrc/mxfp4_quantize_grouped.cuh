@@ -169,7 +169,7 @@ __global__ void __launch_bounds__(kThreads, 2) quantize_grouped_kernel(const __g
         const bool valid = gr < sg.rows && gc < sg.row_k;
         quantize_store<E, SR>(v, p.prescale, static_cast<uint64_t>(gr * sg.row_k + gc), off_row, key,
                               sg.row_data + gr * (sg.row_k / 2) + gc / 2, sg.row_scales + gr * (sg.row_k / 32) + gc / 32,
-                              valid, nullptr, 0, 0, 0);
+                              valid, nullptr, 0, 0, 0, p.hw_sr);
       }
     }
     if (DO_COL) {
@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(kThreads, 2) quantize_grouped_kernel(const __g
         const bool valid = gc < sg.cols && gr < sg.col_k;
         quantize_store<E, SR>(v, p.prescale, static_cast<uint64_t>(gc * sg.col_k + gr), off_col, key,
                               sg.col_data + gc * (sg.col_k / 2) + gr / 2, sg.col_scales + gc * (sg.col_k / 32) + gr / 32,
-                              valid, nullptr, 0, 0, 0);
+                              valid, nullptr, 0, 0, 0, p.hw_sr);
       }
     }
     __syncthreads();
@@ -258,6 +258,7 @@ void launch_grouped(const GroupedParams& in, cudaStream_t stream) {
     const int64_t cap = static_cast<int64_t>(sm_count[dev]) * blocks_per_sm[dev];
     const int64_t want = total > 0 ? total : 1;  // the signs prologue strides over all segments
     const unsigned grid = static_cast<unsigned>(want < cap ? want : cap);
+    p.hw_sr = SR ? hw_sr_feed(dev) : 0u;
     kern<<<grid, kThreads, Geo::SMEM_BYTES, stream>>>(p);
     check_cuda(cudaGetLastError(), "grouped kernel launch");
   }

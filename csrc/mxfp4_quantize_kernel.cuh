@@ -27,9 +27,10 @@
 //        2^23 + 511 - 2r + 1024 (xc - 127) leaves W + 511 - 2r in the low mantissa bits.
 // Both are clamped to 7 (|v| >= 6 saturates).
 //
-// Blackwell: sm_100a's stochastic conversion (cvt.rs.satfinite.e2m1x4.f32) takes one 32-bit random
-// operand for four values; whether its decision rule is the contract's is not documented, so the same
-// portable code is built for sm_90a and sm_100a (a variant would need a bit-for-bit self-test first).
+// Blackwell: where sm_100a's stochastic conversion (cvt.rs.satfinite.e2m1x4.f32) is compiled in and the
+// host's self-test found a feed under which it reproduces the rule above bit for bit (p.hw_sr != 0, see
+// mxfp4_cvt_rs.cuh), SR codes come from it, four per instruction, from the same random words; everywhere
+// else (and by default) from the software rule.
 #pragma once
 
 #include <cstdint>
@@ -38,6 +39,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "mxfp4_cvt_rs.cuh"
 #include "mxfp4_quantize.h"
 
 namespace mxfp4 {
@@ -275,10 +277,11 @@ __device__ __forceinline__ int64_t swizzled_scale_offset(int64_t r, int64_t c, i
 // Quantize E values (E/32 MX blocks) whose first element has logical index idx0 (a multiple of 32), and
 // store E/2 code bytes and E/32 scale bytes; with `swz` also the scales at their places in the swizzled
 // layout of row `srow` (scale columns scol, scol + 1, ...; `spc` padded scale columns).
+// `hw_sr`: the feed of Blackwell's stochastic conversion (0: the software rule).
 template <int E, bool SR>
 __device__ __forceinline__ void quantize_store(const float (&v)[E], float prescale, uint64_t idx0, uint64_t offset,
                                                const PhiloxKey& key, uint8_t* data, uint8_t* scales, bool valid,
-                                               uint8_t* swz, int64_t srow, int64_t scol, int64_t spc) {
+                                               uint8_t* swz, int64_t srow, int64_t scol, int64_t spc, uint32_t hw_sr) {
   uint32_t words[E / 8];
 #pragma unroll
   for (int b = 0; b < E / 32; ++b) {
@@ -293,6 +296,24 @@ __device__ __forceinline__ void quantize_store(const float (&v)[E], float presca
       uint4 rnd = make_uint4(0, 0, 0, 0);
       if (SR) rnd = philox_block((idx0 + 32 * b + 16 * h) >> 4, offset, kDomainDither, key);
       const uint32_t r4[4] = {rnd.x, rnd.y, rnd.z, rnd.w};
+#if MXFP4_HAS_CVT_RS
+      if (SR && (hw_sr & kHwSrOn)) {  // warp-uniform: one feed per launch
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          uint32_t word = 0;
+#pragma unroll
+          for (int w = 0; w < 2; ++w) {  // elements 16h + 8q + 4w + (0..3) take the bytes of word 2q + w
+            float x[4];
+#pragma unroll
+            for (int k = 0; k < 4; ++k)
+              x[k] = hw_sr_value(__fmul_rn(v[32 * b + 16 * h + 8 * q + 4 * w + k], mul), hw_sr);
+            word |= cvt_rs_e2m1x4(x[0], x[1], x[2], x[3], hw_sr_bits(r4[2 * q + w], hw_sr)) << (16 * w);
+          }
+          words[4 * b + 2 * h + q] = bad ? 0u : word;
+        }
+        continue;
+      }
+#endif
 #pragma unroll
       for (int q = 0; q < 2; ++q) {  // one output word: 8 codes
         uint32_t word = 0;
@@ -431,7 +452,7 @@ __global__ void __launch_bounds__(kThreads, 2) quantize_kernel(const QuantizePar
         const bool valid = gr < p.rows && gc < p.row_k;
         quantize_store<E, SR>(v, p.prescale, static_cast<uint64_t>(gr * p.row_k + gc), off_row, key,
                               p.row_data + gr * (p.row_k / 2) + gc / 2, p.row_scales + gr * (p.row_k / 32) + gc / 32,
-                              valid, p.row_scales_swizzled, gr, gc / 32, (p.row_k / 32 + 3) / 4 * 4);
+                              valid, p.row_scales_swizzled, gr, gc / 32, (p.row_k / 32 + 3) / 4 * 4, p.hw_sr);
       }
     }
     if (DO_COL) {
@@ -464,7 +485,7 @@ __global__ void __launch_bounds__(kThreads, 2) quantize_kernel(const QuantizePar
         const bool valid = gc < p.cols && gr < p.col_k;
         quantize_store<E, SR>(v, p.prescale, static_cast<uint64_t>(gc * p.col_k + gr), off_col, key,
                               p.col_data + gc * (p.col_k / 2) + gr / 2, p.col_scales + gc * (p.col_k / 32) + gr / 32,
-                              valid, p.col_scales_swizzled, gc, gr / 32, (p.col_k / 32 + 3) / 4 * 4);
+                              valid, p.col_scales_swizzled, gc, gr / 32, (p.col_k / 32 + 3) / 4 * 4, p.hw_sr);
       }
     }
     __syncthreads();

@@ -43,7 +43,9 @@ void launch(const QuantizeParams& p, cudaStream_t stream) {
     }
     const int64_t cap = static_cast<int64_t>(sm_count[dev]) * blocks_per_sm[dev];
     const unsigned grid = static_cast<unsigned>(ntiles < cap ? ntiles : cap);
-    kern<<<grid, kThreads, Geo::SMEM_BYTES, stream>>>(p);
+    QuantizeParams q = p;
+    q.hw_sr = SR ? hw_sr_feed(dev) : 0u;
+    kern<<<grid, kThreads, Geo::SMEM_BYTES, stream>>>(q);
     check_cuda(cudaGetLastError(), "kernel launch");
   }
 }

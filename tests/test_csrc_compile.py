@@ -96,7 +96,7 @@ def _check_python_callers(mod, monkeypatch):
     import torch
 
     from megatron_mxfp4.numerics.quantize import quantize_reference
-    from megatron_mxfp4.ops import cuda_tiles, hopper_backward as hb, hopper_gemm as hg
+    from megatron_mxfp4.ops import cuda_quantize as cq, cuda_tiles, cvt_rs, hopper_backward as hb, hopper_gemm as hg
 
     class Monitor:
         def counter(self, dev):
@@ -122,7 +122,18 @@ def _check_python_callers(mod, monkeypatch):
              lambda: hb.backward_gemms(dy, x, w, rht_block=64, stochastic=True, prescale=0.75, seed=3,
                                        offsets=(1, 2, 3, 4), signs_dgrad=None, signs_wgrad=None,
                                        dx_dtype=torch.bfloat16, dw_dtype=torch.bfloat16)]
+    monkeypatch.setattr(cq, "launch_on", lambda dev, fn, *a: fn(*a))
+    monkeypatch.setattr(cq, "current_stream_handle", lambda dev: 0)
+    v, words = torch.zeros(8), torch.zeros(2, dtype=torch.int64)
+    calls.append(lambda: cvt_rs.device_probe(mod, torch.device("cpu"))(v, words, cvt_rs.feed()))
     for call in calls:
         with pytest.raises((RuntimeError, ValueError)):
             call()
+    # the cvt.rs feed table: software rule by default, per device, bounded
+    assert mod.hw_sr_feed(0) == 0 and mod.hw_sr_feed(1000) == 0
+    mod.set_hw_sr_feed(2, cvt_rs.feed(bias=True))
+    assert mod.hw_sr_feed(2) == cvt_rs.feed(bias=True) and mod.hw_sr_feed(1) == 0
+    mod.set_hw_sr_feed(2, 0)
+    with pytest.raises(ValueError, match="out of range"):
+        mod.set_hw_sr_feed(64, 1)
     assert mod.backward_hopper_workspace_size(64, 48, 32, 64, 0, 48, 1, 0, 48, 1, False) > 64 * 32

@@ -152,11 +152,30 @@ def _copy_args(spec, dev) -> list:
             signs_out.data_ptr() if signs_out is not None else 0, off_ptr, off_val]
 
 
+_sr_checked = set()  # device indices whose cvt.rs self-test has run (ops/cvt_rs.py)
+
+
+def check_hw_sr(device: torch.device) -> None:
+    """Before the first stochastic rounding on `device`: Blackwell's cvt.rs self-test (ops/cvt_rs.py), which
+    switches the SR kernels to the instruction only where it reproduces the contract bit for bit. One set lookup
+    afterwards."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx in _sr_checked:
+        return
+    from . import cvt_rs
+
+    cvt_rs.ensure(_ext, device)
+    if cvt_rs.tested(idx):
+        _sr_checked.add(idx)
+
+
 def _launch(mode: int, base: torch.Tensor, g: int, sr: bool, p: float, seed, *, row=None, col=None) -> None:
     """One kernel launch on base [rows, cols] (row-major); row/col = (data, scales, signs, signs_out, offset,
     swizzled scales or None) of each copy written, its padded length read off `data` (DESIGN §3). Positional
     arguments: this runs once or twice per backward GEMM, and keyword parsing costs the host more than the launch."""
     dev = base.device
+    if sr:
+        check_hw_sr(dev)
     seed_ptr, seed_val = _u64("seed", seed, dev)
     swz = [spec[5].data_ptr() if spec is not None and spec[5] is not None else 0 for spec in (row, col)]
     launch_on(dev, _ext.quantize, _DTYPE_CODES[base.dtype], g, mode, sr, base.data_ptr(), base.shape[0], base.shape[1],

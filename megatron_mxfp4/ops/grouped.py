@@ -117,6 +117,8 @@ def quantize_grouped_cuda(segments: Sequence[torch.Tensor], mode: str = "dual", 
         launches = [(cq.ROW, [_only(r, "row") for r in rows]), (cq.COL, [_only(r, "col") for r in rows])]
     else:
         launches = [(_MODE_CODES[mode], rows)]
+    if rounding == "sr":
+        cq.check_hw_sr(dev)
     stream = cq.current_stream_handle(dev)
     fields, cap = cq._ext.GROUP_SEGMENT_FIELDS, cq._ext.GROUP_MAX_SEGMENTS
     for code, table in launches:
