@@ -386,3 +386,37 @@ def test_blackwell_model(tmp_path):
     assert f0["step_ours_bf16_vs_bf16"] > f5["step_ours_bf16_vs_bf16"] > 1
     with pytest.raises(SystemExit, match="--f"):
         M.main(["--f", "1.5", "--out", str(out)])
+
+
+_TC_RHT_CONTROL = """
+import sys, torch
+sys.argv = ["tc_rht"]
+sys.path.insert(0, "bench")
+import tc_rht
+from megatron_mxfp4.ops.dispatch import quantize_dual_reference
+x = tc_rht.exact_regime(70, 130, 64, "cpu", seed=3)
+s1, s2 = tc_rht.draw_signs(64, 5, 11), tc_rht.draw_signs(64, 5, 12)
+got = tc_rht.tc_dual(x, "sr", 64, s1, s2, seed=9, offset_row=1, offset_col=2)
+for name, args in (("same", (s1, s2, 9, 1, 2)), ("signs", (s2, s1, 9, 1, 2)), ("offset", (s1, s2, 9, 2, 2))):
+    row, col = quantize_dual_reference(x, "sr", None, 64, *args)
+    diff = sum(int((a != b).sum()) for a, b in zip(got, (row.data, row.scales, col.data, col.scales)))
+    print(name, diff)
+"""
+
+
+def test_tensor_core_rht_prototype_is_bit_exact_on_cpu():
+    """bench/tc_rht.py under Triton's interpreter: bit for bit the reference's dual quantize on inputs where the
+    transform is exact (every g, SR and RTN, sizes that are no multiple of the tile), and the comparison fails
+    for swapped signs or another Philox offset (the check can fail)."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
+    p = subprocess.run([sys.executable, os.path.join(BENCH, "tc_rht.py"), "--check", "--shape", "150x100"], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("check")]
+    assert len(lines) == 6 and all(" 0 of " in ln for ln in lines), p.stdout
+    p = subprocess.run([sys.executable, "-c", _TC_RHT_CONTROL], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    diff = dict(ln.split() for ln in p.stdout.splitlines())
+    assert diff["same"] == "0" and int(diff["signs"]) > 1000 and int(diff["offset"]) > 1000, diff
