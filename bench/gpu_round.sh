@@ -4,7 +4,7 @@
 # 1x128 tiles) next to cuBLAS BF16 / FP8, both backward GEMMs from BF16 tensors (both scalings), and the host
 # cost of one linear (the one-call backward against the Python steps, a CUDA-graph replay).
 # Results go to $OUT (when set) and bench/results/. Each stage has its own time limit; STAGES picks stages
-# (default: tests,quantize,gemm,backward,host).
+# (default: tests,quantize,gemm,backward,host; also tc_rht: bench/tc_rht.py's check and timing).
 #   bash bench/gpu_round.sh
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -20,6 +20,8 @@ else  # the other stages still need the extension
 fi
 [[ ,$STAGES, == *,quantize,* ]] &&
   timeout 150 python3 bench/quantize.py --quick --no-compile --out "$OUT/quantize-h200.json" 2>&1 | tail -40
+[[ ,$STAGES, == *,tc_rht,* ]] &&  # the tensor-core transform prototype against the CUDA kernel (opt-in stage)
+  timeout 120 python3 bench/tc_rht.py 2>&1 | tee "$OUT/tc-rht-h200.md" | tail -14
 [[ ,$STAGES, == *,gemm,* ]] &&
   timeout 150 python3 bench/gemm.py --models 6.7b,1.3b --tp 1 \
     --methods bf16,fp8_tensor,fp8_row,fp8_1x128,hopper_rows,hopper_tiles --out "$OUT/gemm-scaling-h200" 2>&1 | tail -30
