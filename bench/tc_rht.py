@@ -213,8 +213,8 @@ def timing(g: int, rounding: str):
     return dict(g=g, rounding=rounding, tc_us=tc * 1e3, cuda_us=cu * 1e3, floor_us=floor_ms * 1e3)
 
 
-def _sass_counts(cubin: str) -> dict:
-    """{kernel name: SASS instruction count} of a cubin/object (cuobjdump from PATH or Triton's wheel)."""
+def _sass(cubin: str) -> dict:
+    """{kernel name: [SASS instruction, ...]} of a cubin/object (cuobjdump from PATH or Triton's wheel)."""
     import re
     import shutil
     import subprocess
@@ -222,48 +222,75 @@ def _sass_counts(cubin: str) -> dict:
     tool = shutil.which("cuobjdump") or os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                                                      "cuobjdump")
     out = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True, check=True).stdout
-    counts, cur = {}, None
+    funcs, cur = {}, None
     for line in out.splitlines():
         m = re.search(r"Function : (\S+)", line)
         if m:
-            cur = m.group(1)
-            counts[cur] = 0
-        elif cur and re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+\S", line):
-            counts[cur] += 1
-    return counts
+            cur = funcs.setdefault(m.group(1), [])
+            continue
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if m and cur is not None:
+            cur.append((int(m.group(1), 16), m.group(2).strip()))
+    return funcs
+
+
+def _loop_body(instrs) -> int:
+    """Instructions of the longest loop (from a backward branch's target to the branch): the per-tile body of a
+    persistent kernel; the whole function when it has no loop."""
+    import re
+
+    where = {a: i for i, (a, _) in enumerate(instrs)}
+    best = len(instrs)
+    spans = []
+    for i, (a, ins) in enumerate(instrs):
+        m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", ins)
+        if m and int(m.group(1), 16) < a and int(m.group(1), 16) in where:
+            spans.append(i - where[int(m.group(1), 16)] + 1)
+    return max(spans) if spans else best
 
 
 def sass_table(gs, out_md=None) -> str:
-    """Static SASS instructions per element and copy, sm_90a, of this prototype and of the CUDA dual kernel
-    (csrc/, built here with nvcc). Both bodies are straight-line code per unit of work (Triton: one [B, B] tile
-    per 128 threads; CUDA: E elements of each copy per thread and loop iteration, the kernel's prologue counted
-    too), so static counts approximate executed instructions — the measure that bounds these instruction-bound
-    kernels."""
+    """SASS instructions per element and copy (sm_90a) that one unit of work executes: the Triton prototype's
+    whole program (straight-line: one [B, B] tile, both copies, 128 threads), and the per-tile loop body of the
+    CUDA kernels (csrc/, built here with nvcc): the butterfly dual kernel (64 x 256 tile, 256 threads) and, at
+    g = 64, the tensor-core dual kernel (mxfp4_quantize_tc.cu, 64 x 64 tile, 128 threads). These kernels are
+    instruction-bound, so this is the count that bounds their speed; loads, stores and tensor-core work are one
+    instruction each. g = 32 is left out: there the butterfly kernel's inner loops run twice per tile, which a
+    static count of the tile loop does not see."""
+    import re
     import subprocess
     import tempfile
+
+    gs = [g for g in gs if g >= 64]
 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     tmp = tempfile.mkdtemp()
-    obj = os.path.join(tmp, "dual.o")
-    subprocess.run(["nvcc", "-O3", "-std=c++17", "-I" + os.path.join(root, "csrc"), "-w",
-                    "-gencode=arch=compute_90a,code=sm_90a", "-c",
-                    os.path.join(root, "csrc", "mxfp4_quantize_bf16_dual.cu"), "-o", obj], check=True)
     cuda = {}
-    for name, n in _sass_counts(obj).items():
-        dm = subprocess.run(["c++filt", name], capture_output=True, text=True).stdout
-        import re
-        m = re.search(r"quantize_kernel<__nv_bfloat16, (\d+), 3, (true|false)>", dm)
-        if m:
-            cuda[(int(m.group(1)), m.group(2) == "true")] = n
+    for src, pat, elems in (("mxfp4_quantize_bf16_dual.cu", r"quantize_kernel<__nv_bfloat16, (\d+), 3, (true|false)>",
+                             None),
+                            ("mxfp4_quantize_tc.cu", r"quantize_dual_tc_kernel<(true|false)>", 2 * 64 * 64 / 128)):
+        obj = os.path.join(tmp, src + ".o")
+        subprocess.run(["nvcc", "-O3", "-std=c++17", "-w", "-I" + os.path.join(root, "csrc"),
+                        "-gencode=arch=compute_90a,code=sm_90a", "-c", os.path.join(root, "csrc", src), "-o", obj],
+                       check=True)
+        for name, instrs in _sass(obj).items():
+            dm = subprocess.run(["c++filt", name], capture_output=True, text=True).stdout
+            m = re.search(pat, dm)
+            if not m:
+                continue
+            if elems is None:  # butterflies: 64 x 256 tile, 256 threads: 64 elements of each copy per thread
+                cuda[("bf", int(m.group(1)), m.group(2) == "true")] = _loop_body(instrs) / 128
+            else:
+                cuda[("tc", 64, m.group(1) == "true")] = _loop_body(instrs) / elems
     params = list(_dual_kernel.fn.__code__.co_varnames[:_dual_kernel.fn.__code__.co_argcount])
     types = dict(x_ptr="*bf16", T="i32", N="i32", ld="i32", srow_ptr="*fp32", scol_ptr="*fp32", rdata="*u8",
                  rscales="*u8", row_k="i32", cdata="*u8", cscales="*u8", col_k="i32", seed_lo="i64", seed_hi="i64",
                  orow_lo="i64", orow_hi="i64", ocol_lo="i64", ocol_hi="i64", prescale="fp32", hscale="fp32")
-    lines = ["| g | rounding | tensor-core RHT (Triton) instr / element-copy | CUDA kernel instr / element-copy |",
-             "|---|---|---|---|"]
+    lines = ["| g | rounding | CUDA butterflies | CUDA tensor cores | Triton tensor cores (prototype) |",
+             "|---|---|---|---|---|"]
     for g in gs:
         for sr in (True, False):
             const = dict(G=g, B=max(g, 64), SR=sr, EXACT=False)
@@ -273,20 +300,19 @@ def sass_table(gs, out_md=None) -> str:
             cub = os.path.join(tmp, f"tc_{g}_{sr}.cubin")
             with open(cub, "wb") as f:
                 f.write(cc.asm["cubin"])
-            n_tc = sum(_sass_counts(cub).values())
             b = max(g, 64)
-            per_tc = n_tc * 128 / (2 * b * b)               # 4 warps share one tile's two copies
-            e = 64 if g >= 64 else 32
-            per_cu = cuda[(g, sr)] / (2 * e)                # one thread: E elements of each copy per iteration
-            lines.append(f"| {g} | {'sr' if sr else 'rtn'} | {per_tc:.1f} | {per_cu:.1f} |")
+            per_triton = sum(len(v) for v in _sass(cub).values()) * 128 / (2 * b * b)
+            tc = cuda.get(("tc", g, sr))
+            lines.append(f"| {g} | {'sr' if sr else 'rtn'} | {cuda[('bf', g, sr)]:.1f} | "
+                         f"{'' if tc is None else f'{tc:.1f}'} | {per_triton:.1f} |")
     text = "\n".join(lines) + "\n"
     if out_md:
         with open(out_md, "w") as f:
-            f.write("# Tensor-core RHT prototype vs the CUDA dual quantizer: static SASS (sm_90a)\n\n"
+            f.write("# The dual quantizer's instructions per element and copy (static SASS, sm_90a)\n\n"
                     f"Command: `python bench/tc_rht.py --sass --g {','.join(map(str, gs))} --out {out_md}` "
                     "(no GPU needed: Triton compiles for sm_90 offline, nvcc for sm_90a)  \n"
-                    f"triton {triton.__version__}; BF16 input, dual copies. {' '.join(sass_table.__doc__.split())}\n\n"
-                    + text)
+                    f"triton {triton.__version__}; BF16 input, both copies. {' '.join(sass_table.__doc__.split())}"
+                    "\n\n" + text)
     return text
 
 

@@ -25,7 +25,8 @@ void quantize(int dtype, int rht_block, int mode, bool stochastic, uintptr_t x, 
               uintptr_t row_signs_out, uintptr_t row_offset_ptr, uint64_t row_offset, uintptr_t col_data,
               uintptr_t col_scales, int64_t col_k, uintptr_t col_signs, uintptr_t col_signs_out,
               uintptr_t col_offset_ptr, uint64_t col_offset, uintptr_t seed_ptr, uint64_t seed, float prescale,
-              float hadamard_scale, uintptr_t stream, uintptr_t row_scales_swizzled, uintptr_t col_scales_swizzled) {
+              float hadamard_scale, uintptr_t stream, uintptr_t row_scales_swizzled, uintptr_t col_scales_swizzled,
+              bool tensor_core_transform) {
   mxfp4::QuantizeParams p;
   p.x = ptr<const void>(x);
   p.rows = rows;
@@ -51,8 +52,12 @@ void quantize(int dtype, int rht_block, int mode, bool stochastic, uintptr_t x, 
   p.hadamard_scale = hadamard_scale;
   p.row_scales_swizzled = ptr<uint8_t>(row_scales_swizzled);
   p.col_scales_swizzled = ptr<uint8_t>(col_scales_swizzled);
-  mxfp4::quantize(static_cast<mxfp4::DType>(dtype), rht_block, static_cast<mxfp4::Mode>(mode), stochastic, p,
-                  reinterpret_cast<cudaStream_t>(stream));
+  const auto dt = static_cast<mxfp4::DType>(dtype);
+  const auto md = static_cast<mxfp4::Mode>(mode);
+  if (tensor_core_transform)
+    mxfp4::quantize_tc(dt, rht_block, md, stochastic, p, reinterpret_cast<cudaStream_t>(stream));
+  else
+    mxfp4::quantize(dt, rht_block, md, stochastic, p, reinterpret_cast<cudaStream_t>(stream));
 }
 
 py::tuple tile_shape(int dtype, int rht_block, int mode) {
@@ -244,7 +249,9 @@ PYBIND11_MODULE(_mxfp4_cuda, m) {
         py::arg("col_signs_out") = 0, py::arg("col_offset_ptr") = 0, py::arg("col_offset") = 0,
         py::arg("seed_ptr") = 0, py::arg("seed") = 0, py::arg("prescale") = 1.0f, py::arg("hadamard_scale") = 1.0f,
         py::arg("stream") = 0, py::arg("row_scales_swizzled") = 0, py::arg("col_scales_swizzled") = 0,
-        "Launch one quantize kernel on `stream` (all pointers are device addresses as integers; 0 = none).");
+        py::arg("tensor_core_transform") = false,
+        "Launch one quantize kernel on `stream` (all pointers are device addresses as integers; 0 = none); "
+        "tensor_core_transform: the experimental dual kernel with the RHT on tensor cores (BF16, g = 64).");
   m.def("tile_shape", &tile_shape, py::arg("dtype"), py::arg("rht_block"), py::arg("mode"),
         "(tile_rows, tile_cols) of the kernel for (dtype, rht_block, mode); (0, 0) if there is none.");
   // positional (no keyword parsing): these run twice per backward GEMM

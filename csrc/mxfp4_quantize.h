@@ -73,6 +73,12 @@ void hw_sr_probe(const float* v, const uint32_t* rbits, uint16_t* out, int64_t n
 // bad arguments and std::runtime_error for CUDA errors.
 void quantize(DType dtype, int g, Mode mode, bool stochastic, const QuantizeParams& p, cudaStream_t stream);
 
+// Experimental: the dual quantize with the Hadamard transform on tensor cores (mxfp4_quantize_tc.cu), for BF16
+// input, g = 64, both copies, no swizzled scales (`quantize_tc_supported`); same contract as `quantize` where
+// the transform is exact (DESIGN §2.3), sm_80 or newer.
+bool quantize_tc_supported(DType dtype, int g, Mode mode, const QuantizeParams& p);
+void quantize_tc(DType dtype, int g, Mode mode, bool stochastic, const QuantizeParams& p, cudaStream_t stream);
+
 // Shared-memory tile (rows x cols) the kernel uses for (dtype, g, mode); 0 x 0 when that combination
 // does not exist (float32 dual with g = 256 does not fit in shared memory: run kRow and kCol).
 void tile_shape(DType dtype, int g, Mode mode, int* tile_rows, int* tile_cols);

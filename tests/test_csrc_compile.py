@@ -25,7 +25,8 @@ NVCC = csrc_build.nvcc_path()
 ARCHS = ("90a", "100a")
 SUBSET = ("binding.cpp", "mxfp4_quantize.cu", "mxfp4_quantize_bf16_dual.cu", "mxfp4_quantize_f32_dual.cu",
           "mxfp4_quantize_f16_dual.cu", "mxfp4_tiles.cu", "mxfp4_rows.cu", "mxfp4_fp8_cast.cu", "mxfp4_backward_hopper.cu",
-          "mxfp4_gemm_hopper.cu", "mxfp4_quantize_grouped.cu", "mxfp4_quantize_grouped_bf16.cu")
+          "mxfp4_gemm_hopper.cu", "mxfp4_quantize_grouped.cu", "mxfp4_quantize_grouped_bf16.cu",
+          "mxfp4_quantize_tc.cu")
 
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found")
 

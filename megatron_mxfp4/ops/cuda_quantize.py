@@ -171,7 +171,14 @@ def check_hw_sr(device: torch.device) -> None:
         _sr_checked.add(idx)
 
 
-def _launch(mode: int, base: torch.Tensor, g: int, sr: bool, p: float, seed, *, row=None, col=None) -> None:
+#: Experimental, off by default: the dual kernel with the Hadamard transform on tensor cores
+#: (csrc/mxfp4_quantize_tc.cu) for BF16 dY with g = 64 — the reference's bits where the transform is exact, within
+#: DESIGN §2.3's tolerance elsewhere; its speed against the butterfly kernel is measured by bench/quantize.py.
+TC_DUAL = False
+
+
+def _launch(mode: int, base: torch.Tensor, g: int, sr: bool, p: float, seed, *, row=None, col=None,
+            tc: bool = False) -> None:
     """One kernel launch on base [rows, cols] (row-major); row/col = (data, scales, signs, signs_out, offset,
     swizzled scales or None) of each copy written, its padded length read off `data` (DESIGN §3). Positional
     arguments: this runs once or twice per backward GEMM, and keyword parsing costs the host more than the launch."""
@@ -182,7 +189,7 @@ def _launch(mode: int, base: torch.Tensor, g: int, sr: bool, p: float, seed, *, 
     swz = [spec[5].data_ptr() if spec is not None and spec[5] is not None else 0 for spec in (row, col)]
     launch_on(dev, _ext.quantize, _DTYPE_CODES[base.dtype], g, mode, sr, base.data_ptr(), base.shape[0], base.shape[1],
               base.stride(0), *_copy_args(row, dev), *_copy_args(col, dev), seed_ptr, seed_val, p,
-              hadamard_scale(g) if g else 1.0, current_stream_handle(dev), *swz)
+              hadamard_scale(g) if g else 1.0, current_stream_handle(dev), *swz, tc)
 
 
 def _outputs(n: int, k: int, g: int, device):
@@ -293,7 +300,9 @@ def quantize_dual_cuda(x: torch.Tensor, rounding: str = "sr", prescale: Optional
     row_swz, col_swz = _swizzled(t, n, g, x.device, swizzle), _swizzled(n, t, g, x.device, swizzle)
     row = (row_data, row_scales, rs_in, rs_out, offset_row, row_swz)
     col = (col_data, col_scales, cs_in, cs_out, offset_col, col_swz)
-    if _ext.tile_shape(_DTYPE_CODES[x.dtype], g, DUAL)[0]:
+    if TC_DUAL and x.dtype == torch.bfloat16 and g == 64 and row_swz is None and col_swz is None:
+        _launch(DUAL, base, g, sr, p, seed, row=row, col=col, tc=True)
+    elif _ext.tile_shape(_DTYPE_CODES[x.dtype], g, DUAL)[0]:
         _launch(DUAL, base, g, sr, p, seed, row=row, col=col)
     else:  # no fused tile (float32 with g = 256): two reads
         _launch(ROW, base, g, sr, p, seed, row=row)
