@@ -166,8 +166,9 @@ def bench_arm(arm: C.Arm, shape: dict, args, device, tp: int, flush) -> dict:
 
 
 def _grouped_launches() -> int:
-    """Grouped quantize launches made so far by MoE layers (`megatron.grouped_experts`: FC2 operands of all
-    local experts), on any backend (the CPU smoke runs the grouped reference)."""
+    """Grouped quantize launches made so far by MoE layers (`megatron.grouped_experts`: 3 per layer backward,
+    FC2's dY, FC2's X and W, FC1's X and W of all local experts), on any backend (the CPU smoke runs the grouped
+    reference)."""
     from megatron_mxfp4.megatron import grouped_experts
 
     return grouped_experts.STATS["launches"]
@@ -181,8 +182,8 @@ QUANTIZER_KERNELS = ("quantize_kernel", GROUPED_QUANTIZER_KERNEL, "to_e4m3_tiles
 
 def kernel_census(step, device, repeats: int = 3) -> Optional[dict]:
     """CUDA kernels per `step`, the share of their GPU time spent in the quantizers and in the grouped quantizer
-    alone (MoE experts: one launch per layer for the FC2 operands of all local experts), and its launches per
-    step (torch.profiler)."""
+    alone (MoE experts: 3 launches per layer backward for the operands of all local experts but FC1's dY, one
+    more per 32 segments), and its launches per step (torch.profiler)."""
     if device.type != "cuda":
         return None
     from torch.profiler import ProfilerActivity, profile
@@ -267,7 +268,7 @@ def main(argv=None):
     ap.add_argument("--kernels", action="store_true", help="also count kernels per step and the quantizers' share "
                     "(the grouped MoE expert quantizer's share and launches beside it)")
     ap.add_argument("--no-grouped-experts", action="store_true",
-                    help="MoE: each expert quantizes its own FC2 operands (no grouped launch), for comparison")
+                    help="MoE: each expert quantizes its own operands (no grouped launch), for comparison")
     ap.add_argument("--arms", default="all", help="comma-separated name patterns (suffix @te: ours on the TE spec)")
     ap.add_argument("--gs", default="0,64,256")
     ap.add_argument("--roundings", default="sr,rtn")

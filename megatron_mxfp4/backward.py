@@ -57,8 +57,9 @@ class StreamKey:
     name: str = ""
     offsets: Optional[torch.Tensor] = field(default=None, compare=False)
     #: optional provider of operands quantized ahead of this call (a grouped quantize of an MoE layer's experts,
-    #: `megatron.grouped_experts`): `grad_output_operands(key, dy)` -> (qdy dgrad, qdy wgrad) or None and
-    #: `input_operand(key, x, signs)` -> qx or None, each only for exactly the tensor it quantized
+    #: `megatron.grouped_experts`), each only for exactly the tensor it quantized, else None:
+    #: `grad_output_operands(key, dy)` -> (qdy dgrad, qdy wgrad), `weight_operand(key, w, signs)` -> qWᵀ (dgrad)
+    #: and `input_operand(key, x, signs)` -> qXᵀ (wgrad), the latter two only when quantized with `signs`
     group: Optional[object] = field(default=None, compare=False, repr=False)
 
     def offset(self, gemm: Gemm, operand: Operand):
@@ -178,12 +179,15 @@ def _quantize(t: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey, gemm: Gemm, 
     )
 
 
-def quantize_grad_output(dy: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey):
+def quantize_grad_output(dy: torch.Tensor, recipe: MXFP4Recipe, key: StreamKey, signs=None):
     """dY [T, out] quantized for both GEMMs from one read (the dual kernel): (dgrad operand, along out;
-    wgrad operand dYᵀ, along tokens), bit-identical to what `dgrad` and `wgrad` quantize themselves."""
+    wgrad operand dYᵀ, along tokens), bit-identical to what `dgrad` and `wgrad` quantize themselves.
+    `signs`: (dgrad, wgrad) RHT signs to use, the values `gemm_signs` gives (drawn ahead by a grouped launch
+    that quantized this call's W and X with them); default: the sign policy's."""
+    if signs is None:
+        signs = (_dual_signs(recipe, key, Gemm.DGRAD, dy.device), _dual_signs(recipe, key, Gemm.WGRAD, dy.device))
     return quantize_mxfp4_dual(
-        dy, rounding=recipe.rounding, rht_block=recipe.effective_rht_block,
-        signs_row=_dual_signs(recipe, key, Gemm.DGRAD, dy.device), signs_col=_dual_signs(recipe, key, Gemm.WGRAD, dy.device),
+        dy, rounding=recipe.rounding, rht_block=recipe.effective_rht_block, signs_row=signs[0], signs_col=signs[1],
         seed=key.seed, offset_row=key.offset(Gemm.DGRAD, Operand.GRAD_OUTPUT),
         offset_col=key.offset(Gemm.WGRAD, Operand.GRAD_OUTPUT), backend=recipe.quantize_backend,
     )
@@ -219,7 +223,9 @@ def dgrad(dy: torch.Tensor, weight: torch.Tensor, recipe: MXFP4Recipe, key: Stre
     a = qdy if qdy is not None else _quantize(dy, recipe, key, Gemm.DGRAD, Operand.GRAD_OUTPUT,
                                               _dual_signs(recipe, key, Gemm.DGRAD, dy.device))
     signs = a.signs
-    b = _quantize(weight.t(), recipe, key, Gemm.DGRAD, Operand.WEIGHT, signs)
+    b = key.group.weight_operand(key, weight, signs) if key.group is not None else None
+    if b is None:
+        b = _quantize(weight.t(), recipe, key, Gemm.DGRAD, Operand.WEIGHT, signs)
     if diagnostics.sampling():  # the statistics compare the float32 product
         out = mxfp4_gemm(a, b, out_dtype=torch.float32, backend=recipe.gemm_backend)
         diagnostics.measure_gemm(key.name, "dgrad", exact, out, dy, a, weight.t(), b, signs)
@@ -269,11 +275,11 @@ def fused_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, reci
     native call (`ops.hopper_backward`) where it applies: both GEMMs in MXFP4, the dispatcher's choice the
     compiled quantizer and the `hopper` GEMM, no diagnostics sampling or guard override, operands it reads as
     they are. The same kernels with the same arguments as the two Python calls, so the same bits; None where
-    it does not apply, or where a grouped launch (MoE experts, `key.group`) quantized the operands ahead (the
+    it does not apply, or where a grouped launch (MoE experts, `key.group`) quantizes the operands ahead (the
     caller then runs `grad_input` and `grad_weight`). dy [T, out], x [T, in], weight [out, in]."""
     if not (dy.is_cuda and recipe.dgrad and recipe.wgrad and recipe.backward_format == "mxfp4"):
         return None
-    if key.group is not None:  # an MoE expert whose operands a grouped launch quantized ahead
+    if key.group is not None:  # an MoE expert whose operands a grouped launch quantizes ahead
         return None
     if diagnostics.sampling() or not (diagnostics.gemm_quantized(key.name, "dgrad")
                                       and diagnostics.gemm_quantized(key.name, "wgrad")):

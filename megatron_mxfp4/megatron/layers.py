@@ -178,8 +178,8 @@ class _MXFP4ParallelMixin:
                                  f"{self.mxfp4_name} and layers like it use megatron-core's stock (BF16) path")
             return super()._forward_impl(input, weight, **kwargs)
         key = self._stream_key(weight.device)
-        if self.is_expert:  # an FC2 expert of a grouped SequentialMLP gets its layer's group
-            key = grouped_experts.register(self, key, input)
+        if self.is_expert:  # an expert of a grouped SequentialMLP gets its layer's group
+            key = grouped_experts.register(self, key, input, weight)
         return mxfp4_parallel_linear(
             input, weight, kwargs.get("bias"), self.recipe, key,
             gradient_accumulation_fusion=bool(kwargs.get("gradient_accumulation_fusion", False)),

@@ -120,7 +120,7 @@ class MXFP4TransformerLayer(TransformerLayer):
             # index and, for an expert, the global expert index
             m.set_mxfp4(self._layer_recipe(m.recipe), layer_id=_LAYER_SLOTS * number + slot,
                         name=f"decoder.layers.{number - 1}.{rel}", expert=expert)
-        for seq in self.modules():  # the experts' FC2 backward quantizers: one grouped launch per layer
+        for seq in self.modules():  # the experts' backward quantizers: grouped launches per layer
             if isinstance(seq, SequentialMLP):
                 grouped_experts.install(seq)
 

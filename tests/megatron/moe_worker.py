@@ -163,33 +163,140 @@ def moe_token_counts():
     return res
 
 
-@scenario
-def moe_grouped_quantize():
-    """The FC2 backward quantizers of all local experts in one grouped launch (`grouped_experts`): dX and
-    every gradient equal the per-expert quantizers' bit for bit (SR + RHT per_call, per_layer signs with
-    g = 32, RTN), with experts of 0, 1, 7, 24 tokens; the experts took the grouped operands."""
+#: grouped vs per-expert quantizers: RTN and SR, RHT g = 64 and off, the three sign policies
+GROUPED_RECIPES = {
+    "sr_g64_per_call": ON,
+    "rtn_g64_per_call": dataclasses.replace(ON, rounding="rtn"),
+    "sr_g0": dataclasses.replace(ON, rht_block=0),
+    "rtn_g0": dataclasses.replace(ON, rounding="rtn", rht_block=0),
+    "sr_g32_per_layer": dataclasses.replace(ON, sign_policy="per_layer", rht_block=32),
+    "sr_g64_deterministic": dataclasses.replace(ON, sign_policy="deterministic"),
+}
+
+
+def _grouping(enabled: bool, run):
+    """run() with the grouping on or off; returns (its result, the `grouped_experts.STATS` it added and
+    "released": whether the layer groups it made hold nothing after the backward)."""
     from megatron_mxfp4.megatron import grouped_experts as ge
 
+    groups, init = [], ge.ExpertGroup.__init__
+
+    def recording_init(self, experts):
+        init(self, experts)
+        groups.append(self)
+
+    before = dict(ge.STATS)
+    ge.ENABLED, ge.ExpertGroup.__init__ = enabled, recording_init
+    try:
+        out = run()
+    finally:
+        ge.ENABLED, ge.ExpertGroup.__init__ = True, init
+    used = {k: ge.STATS[k] - before[k] for k in before}
+    used["released"] = all(not (g.ready or g.fc1_signs or any(g.calls.values())) for g in groups)
+    return out, used
+
+
+def _same_grads(a, b) -> bool:
+    """(dX, {param: grad}) pairs equal bit for bit."""
+    return equal(a[0], b[0]) and a[1].keys() == b[1].keys() and all(equal(a[1][n], b[1][n]) for n in a[1])
+
+
+@scenario
+def moe_grouped_quantize():
+    """The backward quantizers of all local experts in grouped launches (`grouped_experts`: FC2's dY, X, W and
+    FC1's X, W): dX and every gradient equal the per-expert quantizers' bit for bit, for every recipe of
+    GROUPED_RECIPES, with experts of 0, 1, 7, 24 tokens (float32, and bfloat16 experts for SR g = 64); the
+    experts took the grouped operands (hit counts)."""
     res = {}
-    recipes = {"sr_rht_per_call": ON, "per_layer_g32": dataclasses.replace(ON, sign_policy="per_layer", rht_block=32),
-               "rtn": dataclasses.replace(ON, rounding="rtn", rht_block=0)}
     with H.model_parallel(1):
         x = _tokens_input(TOKENS, seed=3)
-        for name, recipe in recipes.items():
-            r = {}
-            before = dict(ge.STATS)
-            ge.ENABLED = True
+        cases = [(name, recipe, torch.float32) for name, recipe in GROUPED_RECIPES.items()]
+        cases.append(("sr_g64_per_call_bf16", ON, torch.bfloat16))
+        for name, recipe, dtype in cases:
+            xd = x.to(dtype)
+            grouped, used = _grouping(True, lambda: _run_experts(_experts(recipe).to(dtype), xd, TOKENS))
+            alone, unused = _grouping(False, lambda: _run_experts(_experts(recipe).to(dtype), xd, TOKENS))
+            res[name] = {"equal": _same_grads(grouped, alone), "used": used, "off_used": unused}
+    return res
+
+
+@scenario
+def moe_grouped_fallback():
+    """Where the grouping does not apply, each expert quantizes its own operands (or runs its GEMMs exactly) with
+    the grouping on: a diagnostics-sampled step (exact GEMMs beside the MXFP4 ones) and an unquantized tail
+    (every GEMM exact). Gradients equal the grouping-off ones bit for bit, no grouped launch, and nothing held
+    after the backward (the FC1 inputs registered at the forward are let go at the end of the layer's backward)."""
+    from megatron_mxfp4 import diagnostics
+
+    res = {}
+    monitors = {"sampled": lambda: diagnostics.MXFP4Monitor(interval=1),
+                "unquantized_tail": lambda: diagnostics.MXFP4Monitor(interval=0, unquantized_tail=0.5, total_steps=2,
+                                                                     step=1)}
+    with H.model_parallel(1):
+        x = _tokens_input(TOKENS, seed=5)
+        for name, monitor in monitors.items():
+            diagnostics.set_active_monitor(monitor())
             try:
-                dx_g, g_g = _run_experts(_experts(recipe), x, TOKENS)
-                used = {k: ge.STATS[k] - before[k] for k in before}
-                ge.ENABLED = False
-                dx_s, g_s = _run_experts(_experts(recipe), x, TOKENS)
+                grouped, used = _grouping(True, lambda: _run_experts(_experts(ON), x, TOKENS))
+                alone, _ = _grouping(False, lambda: _run_experts(_experts(ON), x, TOKENS))
             finally:
-                ge.ENABLED = True
-            r["equal"] = equal(dx_g, dx_s) and all(equal(g_g[n], g_s[n]) for n in g_s)
-            # 4 experts, one with 0 tokens (its GEMMs are skipped): 3 dY and 3 X operands taken from the group
-            r["used"] = used
-            res[name] = r
+                diagnostics.set_active_monitor(None)
+            res[name] = {"equal": _same_grads(grouped, alone), "used": used}
+    return res
+
+
+def _run_changing_weights(experts, x, tokens, when: str, changed):
+    """`_run_experts` with the weights of `changed` (local experts) updated in place (+0.125), where `when`:
+    "before_backward" (between forward and backward, under identity saved-tensor hooks, which skip autograd's
+    version check: the backward sees the updated weights); "during_backward" (the same, from a gradient hook that
+    runs just before the first changed expert's backward, after the layer's grouped launches); "saved_copy"
+    (between forward and backward under `allow_mutation_on_saved_tensors`: the backward sees copies of the
+    weights as they were at the forward)."""
+    weights = [getattr(experts.local_experts[e], r).weight for e in changed for r in ("linear_fc1", "linear_fc2")]
+
+    def update(*_):
+        with torch.no_grad():
+            for w in weights:
+                w.add_(0.125)
+
+    for p in experts.parameters():
+        p.grad = None
+    x = x.detach().clone().requires_grad_(True)
+    def on_gradient(module, args, out):
+        out[0].register_hook(update)
+
+    handle = None
+    if when == "during_backward":  # autograd runs the experts' backward last expert first
+        handle = experts.local_experts[max(changed)].linear_fc2.register_forward_hook(on_gradient)
+    ctx = (torch.autograd.graph.allow_mutation_on_saved_tensors() if when == "saved_copy"
+           else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t))
+    with ctx:
+        out, _ = experts(x, torch.tensor(tokens), torch.ones(x.shape[0], device=DEVICE))
+        if when != "during_backward":
+            update()
+        probe = torch.linspace(-1, 1, out.numel(), device=DEVICE).view_as(out)
+        (out * probe).sum().backward()
+    if handle is not None:
+        handle.remove()
+    return x.grad, {n: p.grad for n, p in experts.named_parameters()}
+
+
+@scenario
+def moe_grouped_weight_changed():
+    """A weight updated in place after the forward is never served a stale grouped operand: the gradients equal
+    the per-expert quantizers' (which see the weight the backward sees) bit for bit, whether the update comes
+    before the grouped launches (they quantize the updated weight), after them (the version check declines),
+    or autograd hands the backward a saved copy (the storage check declines). Experts of 0, 1, 7, 24 tokens;
+    experts 2 (7 tokens) and, where updated, 1 change."""
+    res = {}
+    with H.model_parallel(1):
+        x = _tokens_input(TOKENS, seed=4)
+        fixed = _run_experts(_experts(ON), x, TOKENS)
+        for when, changed in (("before_backward", [2]), ("during_backward", [2]), ("saved_copy", [1, 2])):
+            grouped, used = _grouping(True, lambda: _run_changing_weights(_experts(ON), x, TOKENS, when, changed))
+            alone, _ = _grouping(False, lambda: _run_changing_weights(_experts(ON), x, TOKENS, when, changed))
+            res[when] = {"equal": _same_grads(grouped, alone), "used": used,
+                         "as_not_updated": _same_grads(grouped, fixed)}
     return res
 
 

@@ -86,10 +86,46 @@ def test_launch_flags_with_num_experts(moe_results):
                             "experts.local_experts.1.linear_fc2:MXFP4RowParallelLinear", "router:TopKRouter"]
 
 
-def test_grouped_fc2_quantize_equals_per_expert(moe_results):
-    """One grouped launch for the FC2 dY (dual) and X operands of all local experts: bit-identical dX and
-    gradients to each expert quantizing its own, and the experts did take the grouped operands."""
+def test_grouped_expert_quantize_equals_per_expert(moe_results):
+    """Grouped launches for FC2's dY (dual), X and W and FC1's X and W of all local experts: dX and every
+    gradient (FC1 and FC2 dW of each expert) bit-identical to each expert quantizing its own, for RTN and SR, RHT
+    g = 64 (per_call, deterministic signs), g = 32 (per_layer) and off, float32 and bfloat16; the experts did
+    take the grouped operands: 4 experts, one with 0 tokens (its GEMMs are skipped, nothing is quantized for
+    it), so 3 of each kind, in 3 launches (FC2 dual, FC2 X + W, FC1 X + W); none with the grouping off."""
     r = scenario(moe_results, "moe_grouped_quantize")
+    assert len(r) == 7, sorted(r)
+    hits = {"launches": 3, "grad_output_hits": 3, "input_hits": 3, "weight_hits": 3, "fc1_input_hits": 3,
+            "fc1_weight_hits": 3, "released": True}
     for name, case in r.items():
         assert case["equal"], (name, case)
-        assert case["used"] == {"launches": 2, "grad_output_hits": 3, "input_hits": 3}, (name, case)
+        assert case["used"] == hits, (name, case)
+        assert not any(v for k, v in case["off_used"].items() if k != "released"), (name, case)
+
+
+def test_grouped_weight_operand_is_never_stale(moe_results):
+    """A weight updated in place after the forward: before the backward's grouped launches they quantize the
+    updated weight (every expert takes its operands); after them (a gradient hook) the weight's version
+    changed and the updated expert quantizes its own; under `allow_mutation_on_saved_tensors` the backward
+    sees a saved copy of the old weight, other storage than what the group quantized, and the updated experts
+    quantize their own. Gradients bit-identical to the per-expert quantizers' in every case."""
+    r = scenario(moe_results, "moe_grouped_weight_changed")
+    expected = {"before_backward": (3, False), "during_backward": (2, False), "saved_copy": (1, True)}
+    for when, (weight_hits, as_not_updated) in expected.items():
+        case = r[when]
+        assert case["equal"], (when, case)
+        assert case["as_not_updated"] == as_not_updated, (when, case)
+        used = case["used"]
+        assert used["weight_hits"] == used["fc1_weight_hits"] == weight_hits, (when, case)
+        assert used["launches"] == 3 and used["input_hits"] == used["fc1_input_hits"] == 3, (when, case)
+        assert used["released"], (when, case)
+
+
+def test_grouped_quantize_falls_back_where_it_does_not_apply(moe_results):
+    """A diagnostics-sampled step and an unquantized tail: with the grouping on, no grouped launch, the experts
+    quantize their own operands (or run exact GEMMs), the gradients are the grouping-off ones bit for bit and
+    the layer's group holds nothing after the backward."""
+    r = scenario(moe_results, "moe_grouped_fallback")
+    assert sorted(r) == ["sampled", "unquantized_tail"], r
+    for name, case in r.items():
+        assert case["equal"], (name, case)
+        assert case["used"]["released"] and not any(v for k, v in case["used"].items() if k != "released"), case
