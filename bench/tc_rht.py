@@ -255,7 +255,7 @@ def sass_table(gs, out_md=None) -> str:
     CUDA kernels (csrc/, built here with nvcc): the butterfly dual kernel (64 x 256 tile, 256 threads) and, at
     g = 64, the tensor-core dual kernel (mxfp4_quantize_tc.cu, 64 x 64 tile, 128 threads). These kernels are
     instruction-bound, so this is the count that bounds their speed; loads, stores and tensor-core work are one
-    instruction each. g = 32 is left out: there the butterfly kernel's inner loops run twice per tile, which a
+    instruction each (the Triton prototype has one SR encoder for every prescale). g = 32 is left out: there the butterfly kernel's inner loops run twice per tile, which a
     static count of the tile loop does not see."""
     import re
     import subprocess
@@ -266,25 +266,41 @@ def sass_table(gs, out_md=None) -> str:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    import shutil
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     tmp = tempfile.mkdtemp()
     cuda = {}
-    for src, pat, elems in (("mxfp4_quantize_bf16_dual.cu", r"quantize_kernel<__nv_bfloat16, (\d+), 3, (true|false)>",
-                             None),
-                            ("mxfp4_quantize_tc.cu", r"quantize_dual_tc_kernel<(true|false)>", 2 * 64 * 64 / 128)):
-        obj = os.path.join(tmp, src + ".o")
-        subprocess.run(["nvcc", "-O3", "-std=c++17", "-w", "-I" + os.path.join(root, "csrc"),
-                        "-gencode=arch=compute_90a,code=sm_90a", "-c", os.path.join(root, "csrc", src), "-o", obj],
-                       check=True)
-        for name, instrs in _sass(obj).items():
-            dm = subprocess.run(["c++filt", name], capture_output=True, text=True).stdout
-            m = re.search(pat, dm)
-            if not m:
-                continue
-            if elems is None:  # butterflies: 64 x 256 tile, 256 threads: 64 elements of each copy per thread
-                cuda[("bf", int(m.group(1)), m.group(2) == "true")] = _loop_body(instrs) / 128
-            else:
-                cuda[("tc", 64, m.group(1) == "true")] = _loop_body(instrs) / elems
+    # The SR kernels pick their encoder per launch (`prescale <= 0.75f`: the recipe's 3/4 prescale, or not); a
+    # static count of a loop holding both would add them up, so each is counted from a copy of the sources with
+    # that choice fixed.
+    for prescaled in (True, False):
+        src_dir = os.path.join(tmp, f"csrc_{prescaled}")
+        shutil.copytree(os.path.join(root, "csrc"), src_dir)
+        for name in ("mxfp4_quantize_kernel.cuh", "mxfp4_quantize_tc.cu"):
+            path = os.path.join(src_dir, name)
+            with open(path) as f:
+                text = f.read()
+            assert "prescale <= 0.75f" in text, name
+            with open(path, "w") as f:
+                f.write(text.replace("prescale <= 0.75f", "true" if prescaled else "false"))
+        for src, pat, elems in (("mxfp4_quantize_bf16_dual.cu",
+                                 r"quantize_kernel<__nv_bfloat16, (\d+), 3, (true|false)>", None),
+                                ("mxfp4_quantize_tc.cu", r"quantize_dual_tc_kernel<(true|false)>", 2 * 64 * 64 / 128)):
+            obj = os.path.join(tmp, f"{src}.{prescaled}.o")
+            subprocess.run(["nvcc", "-O3", "-std=c++17", "-w", "-I" + src_dir, "-gencode=arch=compute_90a,code=sm_90a",
+                            "-c", os.path.join(src_dir, src), "-o", obj], check=True)
+            for name, instrs in _sass(obj).items():
+                dm = subprocess.run(["c++filt", name], capture_output=True, text=True).stdout
+                m = re.search(pat, dm)
+                if not m:
+                    continue
+                sr = m.group(m.lastindex) == "true"
+                arm = "sr 3/4" if sr and prescaled else ("sr 1" if sr else "rtn")
+                if elems is None:  # butterflies: 64 x 256 tile, 256 threads: 64 elements of each copy per thread
+                    cuda[("bf", int(m.group(1)), arm)] = _loop_body(instrs) / 128
+                else:
+                    cuda[("tc", 64, arm)] = _loop_body(instrs) / elems
     params = list(_dual_kernel.fn.__code__.co_varnames[:_dual_kernel.fn.__code__.co_argcount])
     types = dict(x_ptr="*bf16", T="i32", N="i32", ld="i32", srow_ptr="*fp32", scol_ptr="*fp32", rdata="*u8",
                  rscales="*u8", row_k="i32", cdata="*u8", cscales="*u8", col_k="i32", seed_lo="i64", seed_hi="i64",
@@ -292,7 +308,8 @@ def sass_table(gs, out_md=None) -> str:
     lines = ["| g | rounding | CUDA butterflies | CUDA tensor cores | Triton tensor cores (prototype) |",
              "|---|---|---|---|---|"]
     for g in gs:
-        for sr in (True, False):
+        for arm in ("sr 3/4", "sr 1", "rtn"):
+            sr = arm != "rtn"
             const = dict(G=g, B=max(g, 64), SR=sr, EXACT=False)
             sig = {p: ("constexpr" if p in const else types[p]) for p in params}
             src = ASTSource(fn=_dual_kernel, signature=sig, constexprs={(params.index(k),): v for k, v in const.items()})
@@ -302,8 +319,9 @@ def sass_table(gs, out_md=None) -> str:
                 f.write(cc.asm["cubin"])
             b = max(g, 64)
             per_triton = sum(len(v) for v in _sass(cub).values()) * 128 / (2 * b * b)
-            tc = cuda.get(("tc", g, sr))
-            lines.append(f"| {g} | {'sr' if sr else 'rtn'} | {cuda[('bf', g, sr)]:.1f} | "
+            tc = cuda.get(("tc", g, arm))
+            rounding = {"sr 3/4": "SR, prescale 3/4 (the recipe)", "sr 1": "SR, prescale 1", "rtn": "RTN"}[arm]
+            lines.append(f"| {g} | {rounding} | {cuda[('bf', g, arm)]:.1f} | "
                          f"{'' if tc is None else f'{tc:.1f}'} | {per_triton:.1f} |")
     text = "\n".join(lines) + "\n"
     if out_md:

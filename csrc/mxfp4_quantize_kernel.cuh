@@ -17,15 +17,7 @@
 //      call serves 16 consecutive elements of a thread;
 //   5. two codes per byte, first element in the low nibble.
 //
-// How a code is formed without a table: with xc = clamp(exponent(|v|), 127, 129) the map
-// g(|v|) = |v| * 2^(128 - xc) + 2 (xc - 127) sends the E2M1 grid {0, .5, 1, 1.5, 2, 3, 4, 6} onto
-// the integers 0..7 and is linear (slope 1/gap) between grid points, so
-//   RTN: code = rint(|v| * 2^(128 - xc)) + 2 (xc - 127)     (ties to even <=> even code)
-//   SR : with W = floor(512 g) and f = frac(g), the contract rounds up iff r < t = (floor(512 f) + 1) >> 1,
-//        i.e. iff floor(512 f) >= 2r + 1, so code = (W + 511 - 2r) >> 9. W comes from one float add
-//        rounded toward zero: |v| * 2^(137 - xc) < 2048 is exact, and adding the integer
-//        2^23 + 511 - 2r + 1024 (xc - 127) leaves W + 511 - 2r in the low mantissa bits.
-// Both are clamped to 7 (|v| >= 6 saturates).
+// The element encoders (RTN, SR: one float add, no table) are in mxfp4_element.cuh.
 //
 // Blackwell: where sm_100a's stochastic conversion (cvt.rs.satfinite.e2m1x4.f32) is compiled in and the
 // host's self-test found a feed under which it reproduces the rule above bit for bit (p.hw_sr != 0, see
@@ -40,6 +32,7 @@
 #include <cuda_runtime.h>
 
 #include "mxfp4_cvt_rs.cuh"
+#include "mxfp4_element.cuh"
 #include "mxfp4_quantize.h"
 
 namespace mxfp4 {
@@ -122,28 +115,6 @@ __device__ __forceinline__ uint4 philox_block(uint64_t blk, uint64_t offset, uin
 }
 
 // ------------------------------------------------------------------------------------------------
-// Element codes (see the file comment). x = v, the prescaled value; returns sign | magnitude.
-__device__ __forceinline__ uint32_t code_rtn(float x) {
-  const uint32_t xb = __float_as_uint(x);
-  const uint32_t xc = min(max(xb & 0x7F800000u, 127u << 23), 129u << 23);
-  const float s = __uint_as_float((255u << 23) - xc);             // 2^(128 - xc): 2, 1, 1/2
-  const float a = __fmul_rn(fabsf(x), s);                         // < 4: exact
-  const uint32_t n = __float_as_uint(__fadd_rn(a, 8388608.0f)) - 0x4B000000u;  // rint(a)
-  const uint32_t mag = min(n + (xc >> 22) - 254u, 7u);
-  return mag | ((xb >> 28) & 8u);
-}
-
-__device__ __forceinline__ uint32_t code_sr(float x, uint32_t r) {
-  const uint32_t xb = __float_as_uint(x);
-  const uint32_t xc = min(max(xb & 0x7F800000u, 127u << 23), 129u << 23);
-  const float w = __fmul_rn(fabsf(x), __uint_as_float((264u << 23) - xc));  // |v| 2^(137 - xc) < 2048: exact
-  // float bits of 2^23 + 511 - 2r + 1024 (xc - 127), an integer in [2^23, 2^24)
-  const uint32_t c = (0x4B0001FFu - (127u << 10)) + (xc >> 13) - 2u * r;
-  const uint32_t z = __float_as_uint(__fadd_rz(w, __uint_as_float(c)));     // mantissa: W + 511 - 2r + ...
-  const uint32_t mag = min((z >> 9) & 15u, 7u);
-  return mag | ((xb >> 28) & 8u);
-}
-
 __device__ __forceinline__ float max_nan_abs(float m, float y) {
   float r;
   asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(m), "f"(fabsf(y)));
@@ -314,6 +285,17 @@ __device__ __forceinline__ void quantize_store(const float (&v)[E], float presca
         continue;
       }
 #endif
+      if (SR && prescale <= 0.75f) {  // |v| < 6: the unclamped encoder (warp-uniform: one prescale per launch)
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          float x[8];
+#pragma unroll
+          for (int k = 0; k < 8; ++k) x[k] = __fmul_rn(v[32 * b + 16 * h + 8 * q + k], mul);
+          const uint32_t word = pack8_sr(x, r4[2 * q], r4[2 * q + 1]);
+          words[4 * b + 2 * h + q] = bad ? 0u : word;
+        }
+        continue;
+      }
 #pragma unroll
       for (int q = 0; q < 2; ++q) {  // one output word: 8 codes
         uint32_t word = 0;

@@ -86,7 +86,18 @@ __device__ __forceinline__ void load_tc_tile(const QuantizeParams& p, int64_t ti
 // SR / RTN codes of `n` (8 or 16) values at consecutive logical positions, 8 codes per word; `r4` the dither
 // words of those positions (word i / 4 holds position i's byte i % 4).
 template <int N, bool SR>
-__device__ __forceinline__ void encode(const float (&v)[N], float mul, const uint32_t* r4, uint32_t (&words)[N / 8]) {
+__device__ __forceinline__ void encode(const float (&v)[N], float mul, float prescale, const uint32_t* r4,
+                                       uint32_t (&words)[N / 8]) {
+  if (SR && prescale <= 0.75f) {  // |v| < 6: the unclamped encoder
+#pragma unroll
+    for (int q = 0; q < N / 8; ++q) {
+      float x[8];
+#pragma unroll
+      for (int k = 0; k < 8; ++k) x[k] = __fmul_rn(v[8 * q + k], mul);
+      words[q] = pack8_sr(x, r4[2 * q], r4[2 * q + 1]);
+    }
+    return;
+  }
 #pragma unroll
   for (int q = 0; q < N / 8; ++q) {
     uint32_t word = 0;
@@ -178,7 +189,7 @@ __global__ void __launch_bounds__(kTcThreads) quantize_dual_tc_kernel(const Quan
         if (SR) rnd = philox_block(static_cast<uint64_t>(gr * p.row_k + gc) >> 4, off_row, kDomainDither, key);
         const uint32_t r4[4] = {rnd.x, rnd.y, rnd.z, rnd.w};
         uint32_t words[2];
-        encode<16, SR>(v, mul, r4, words);
+        encode<16, SR>(v, mul, p.prescale, r4, words);
         if (gr < p.rows && gc < p.row_k) {
           *reinterpret_cast<uint2*>(p.row_data + gr * (p.row_k / 2) + gc / 2) =
               bad ? make_uint2(0u, 0u) : make_uint2(words[0], words[1]);
@@ -255,7 +266,7 @@ __global__ void __launch_bounds__(kTcThreads) quantize_dual_tc_kernel(const Quan
             r4[1] = own ? ((g & 1) ? w.w : w.y) : got1;
           }
           uint32_t words[1];
-          encode<8, SR>(v, mul, r4, words);
+          encode<8, SR>(v, mul, p.prescale, r4, words);
           const int64_t gc = col0 + 16 * warp + 8 * n + 2 * t + b;
           if (gc < p.cols && pos0 < p.col_k) {
             *reinterpret_cast<uint32_t*>(p.col_data + gc * (p.col_k / 2) + pos0 / 2) = bad ? 0u : words[0];
