@@ -339,8 +339,10 @@ struct LtCall {
     const cublasStatus_t s =
         cublasLtMatmulAlgoGetHeuristic(handle, desc.op, desc.a, desc.b, desc.c, desc.c, pref, 1, &res, &count);
     cublasLtMatmulPreferenceDestroy(pref);
-    // an unsupported scale mode is "no algorithm" (the caller may fall back); other failures are errors
-    if (s != CUBLAS_STATUS_NOT_SUPPORTED) check_lt(s, "cublasLtMatmulAlgoGetHeuristic");
+    // an unsupported scale mode is "no algorithm" (the caller may fall back); other failures are errors, except
+    // that row scaling refused as an invalid value also falls back (to the tiles, which cuBLASLt has run here)
+    const bool refused = s == CUBLAS_STATUS_NOT_SUPPORTED || (scaling == Scaling::kRows && s == CUBLAS_STATUS_INVALID_VALUE);
+    if (!refused) check_lt(s, "cublasLtMatmulAlgoGetHeuristic");
     found = s == CUBLAS_STATUS_SUCCESS && count > 0;
     algo = res.algo;
     std::lock_guard<std::mutex> lock(st.mu);
@@ -469,13 +471,13 @@ void run_tiles(Problem& q, cudaStream_t stream) {
   check_launch("fix_slabs");
 }
 
-// Row scaling, n GEMMs together: their flag counts zeroed, every operand converted in one launch, the cuBLASLt
-// GEMMs, then one fix launch for all.
-void run_rows(Problem* qs, int n, cudaStream_t stream) {
+// Row scaling, n GEMMs together (sharing one counter): their flag counts zeroed, every operand converted in one
+// launch, the cuBLASLt GEMMs, then one fix launch for all.
+void run_rows(Problem* const* qs, int n, cudaStream_t stream) {
   RowConvOperand ops[kMaxRowConvOperands];
   RowFixes fixes;
   for (int i = 0; i < n; ++i) {
-    const Problem& q = qs[i];
+    const Problem& q = *qs[i];
     const GemmParams& p = *q.p;
     const Layout& l = q.l;
     int32_t* counts = reinterpret_cast<int32_t*>(q.ws + l.counts);
@@ -516,10 +518,10 @@ void run_rows(Problem* qs, int n, cudaStream_t stream) {
   }
   to_e4m3_rows(ops, 2 * n, stream);
   for (int i = 0; i < n; ++i) {
-    qs[i].call->run(qs[i].ws, qs[i].l, *qs[i].p, qs[i].d, qs[i].beta_one, stream);
-    unstage(qs[i], stream);
+    qs[i]->call->run(qs[i]->ws, qs[i]->l, *qs[i]->p, qs[i]->d, qs[i]->beta_one, stream);
+    unstage(*qs[i], stream);
   }
-  fix_rows_kernel<<<528, 256, 0, stream>>>(fixes, n, qs[0].p->counter);
+  fix_rows_kernel<<<528, 256, 0, stream>>>(fixes, n, qs[0]->p->counter);
   check_launch("fix_rows");
 }
 
@@ -537,22 +539,26 @@ Scaling gemm_hopper_batch(const GemmParams* ps, int n, cudaStream_t stream) {
 #else
   require(ps && (n == 1 || n == 2), "a batch holds 1 or 2 GEMMs");
   Problem qs[2];
-  bool rows = true;
+  for (int i = 0; i < n; ++i) prepare(qs[i], ps[i]);
+  // Each GEMM takes the scaling that gemm_hopper would give it on its own (row scaling where asked for and
+  // cuBLASLt has a row-scaled kernel for it, else the tiles), so a batch gives the bits of separate calls.
+  Problem* rows[2];
+  int nr = 0;
   for (int i = 0; i < n; ++i) {
-    prepare(qs[i], ps[i]);
-    rows = rows && ps[i].scaling == Scaling::kRows && ps[i].counter == ps[0].counter;
-  }
-  for (int i = 0; rows && i < n; ++i) {
+    if (ps[i].scaling != Scaling::kRows) continue;
     qs[i].call.reset(new LtCall(qs[i].l, qs[i].ws, ps[i], Scaling::kRows, qs[i].d, qs[i].ldd, qs[i].d_type,
                                 qs[i].beta_one));
-    rows = qs[i].call->found;  // else every GEMM of the batch takes the tiles (the caller warns once)
+    if (qs[i].call->found) rows[nr++] = &qs[i];
   }
-  if (rows) {
-    run_rows(qs, n, stream);
-    return Scaling::kRows;
+  if (nr == 2 && ps[0].counter != ps[1].counter) {  // one fix launch bumps one counter: two launches
+    run_rows(rows, 1, stream);
+    run_rows(rows + 1, 1, stream);
+  } else if (nr > 0) {
+    run_rows(rows, nr, stream);
   }
-  for (int i = 0; i < n; ++i) run_tiles(qs[i], stream);
-  return Scaling::kTiles;
+  for (int i = 0; i < n; ++i)
+    if (!(ps[i].scaling == Scaling::kRows && qs[i].call && qs[i].call->found)) run_tiles(qs[i], stream);
+  return nr == n ? Scaling::kRows : Scaling::kTiles;
 #endif
 }
 

@@ -71,9 +71,10 @@ bool gemm_hopper_available();
 // and std::runtime_error for CUDA / cuBLASLt errors.
 Scaling gemm_hopper(const GemmParams& p, cudaStream_t stream);
 
-// Two independent GEMMs (a linear's dgrad and wgrad; each its own workspace) in one go: with row scaling their
-// four operands are converted in one launch and their row fixes run in one launch. Returns the scaling used
-// (kTiles for both when either has no row-scaled kernel, or when their scalings or counters differ).
+// Two independent GEMMs (a linear's dgrad and wgrad; each its own workspace) in one go, each with the scaling
+// (and so the bits) that gemm_hopper gives it alone; those with row scaling have their operands converted in one
+// launch and their row fixes run in one launch (two where their counters differ). Returns kRows when every
+// GEMM used row scaling, else kTiles.
 Scaling gemm_hopper_batch(const GemmParams* ps, int n, cudaStream_t stream);
 
 }  // namespace mxfp4

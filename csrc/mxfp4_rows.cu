@@ -89,8 +89,10 @@ __global__ void __launch_bounds__(kRowConvThreads) to_e4m3_rows_kernel(const Row
     if (!flagged && kb < nb) {
       const uint4 w = load_block(data + kb * 16);
       const uint32_t s = scales[kb];
-      if (s != 255u && nonzero_codes(w)) {
-        const FoldTable table = fold_table(static_cast<int>(s) - 127 - erow);  // in [-8, 6] for a kept row
+      const int d = static_cast<int>(s) - 127 - erow;  // <= 6; >= -8 in a kept row without NaN
+      // d < -8 only in a NaN row (never flagged): such a block is zero codes, as in the reference
+      if (s != 255u && d >= -kRowSpan && nonzero_codes(w)) {
+        const FoldTable table = fold_table(d);
         lo = lookup16(w.x, w.y, table);
         hi = lookup16(w.z, w.w, table);
       }

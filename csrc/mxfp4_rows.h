@@ -4,7 +4,8 @@
 // one float32 per row (cuBLASLt's outer-vector scaling): every block exponent e_j of a row is folded into its
 // codes relative to the row exponent E = max(e_top - 6, -126), e_top the largest exponent among the row's live
 // blocks (a non-zero code, a finite scale; E = 0 without any):
-//   codes [rows_out, kt] E4M3 (kt = k rounded up to 128, zero-padded): value * 2^(e_j - E), e_j - E in [-8, 6];
+//   codes [rows_out, kt] E4M3 (kt = k rounded up to 128, zero-padded): value * 2^(e_j - E), e_j - E in [-8, 6]
+//         (zero codes for a block with the NaN scale, and in a NaN row for a block with e_j - E < -8);
 //   row_scales [rows_out] float32: 2^E * mult; NaN if a block has the NaN scale (0xFF); 0 for a flagged row
 //         and for the padding rows rows .. rows_out - 1 (zero codes);
 //   row_flags [rows_out] int32: 1 where a live block lies more than 14 binades below e_top (the row cannot be
@@ -20,7 +21,7 @@
 namespace mxfp4 {
 
 struct RowConvOperand {
-  const uint8_t* data = nullptr;    // packed codes [rows, k/2], row stride ld_data bytes (multiple of 16)
+  const uint8_t* data = nullptr;    // packed codes [rows, k/2], row stride ld_data bytes (multiple of 8)
   int64_t ld_data = 0;
   const uint8_t* scales = nullptr;  // E8M0 block scales [rows, k/32], row stride ld_scales bytes
   int64_t ld_scales = 0;

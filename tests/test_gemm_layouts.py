@@ -241,6 +241,26 @@ def test_rows_layout_zero_blocks_nan_rows_and_padding():
     assert not torch.any(op.codes.view(torch.uint8) == 0x80)
 
 
+def test_rows_layout_nan_row_blocks_below_the_fold_range_are_zero():
+    """A NaN row is never flagged; its live blocks more than 8 binades below the row exponent (which E4M3 cannot
+    hold exactly) are zero codes, not rounded ones: the kernel's table lookup has no rounding to match."""
+    t = spread_operand(4, 128, 0, seed=103)
+    codes = t.codes().clone()
+    codes[:, :64] = 3                    # 1.5 in blocks 0 and 1
+    codes[:, 64:96] = 11                 # -1.5 in block 2
+    s = t.scales.clone()
+    s[:, 1] = fmt.E8M0_NAN
+    s[0, 2] -= 15                        # 9 below E_r = e_top - 6: 1.5 * 2^-9 would round to 2^-8
+    s[1, 2] -= 14                        # 8 below: exact
+    t = MXFP4Tensor(fmt.pack_nibbles(codes), s, t.prescale, 1, t.shape)
+    op = L.to_e4m3_rows_reference(t)
+    assert not op.flagged.any() and torch.isnan(op.scales).all()
+    c = op.codes.view(torch.uint8)
+    assert torch.all(c[0, 64:96] == 0) and torch.all(c[0, :32] == 0x6C)          # 1.5 * 2^6 = 96
+    assert torch.all(c[1, 64:96] == 0x83)                                        # -1.5 * 2^-8 = -3 * 2^-9
+    assert torch.all(c[:, 32:64] == 0)                                           # the NaN block
+
+
 @pytest.mark.parametrize("spread", [0, 10, 14, 20])
 def test_hopper_rows_arithmetic_with_row_fallback_matches_float64(spread):
     a = spread_operand(48, 640, spread, seed=120 + spread)

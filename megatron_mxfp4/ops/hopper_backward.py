@@ -38,8 +38,10 @@ def supported(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
     for v in (dy, x, w):
         if v.dtype not in _DTYPE_CODES or not _row_major(v, v.element_size()):
             return False
-    if accumulate_into is not None and (accumulate_into.dtype != torch.float32 or accumulate_into.stride(1) != 1):
-        return False
+    if accumulate_into is not None and (accumulate_into.dtype != torch.float32 or accumulate_into.stride(1) != 1
+                                        or tuple(accumulate_into.shape) != (out, x.shape[1])
+                                        or accumulate_into.device != dy.device):
+        return False  # the Python steps check it (mxfp4_gemm refuses a wrong shape) instead of writing past it
     return native_reason() is None
 
 

@@ -186,7 +186,8 @@ def to_e4m3_rows_reference(t: MXFP4Tensor, mult: float = 1.0, rows_out: int = No
     a finite scale); 0 when there is none. A live block j becomes codes v · 2^(e_j - E_r), exact in E4M3
     while e_j - E_r >= -8; a row with a live block further down is *flagged* (codes zero, scale 0). Blocks
     with the NaN scale are zero codes and make the row's scale NaN (the GEMM's row turns NaN as in the
-    reference). Scale = float32(2^E_r · mult). Rows R .. rows_out - 1 are zero codes with scale 0.
+    reference; such a row is never flagged, and its live blocks below E_r - 8 are zero codes too).
+    Scale = float32(2^E_r · mult). Rows R .. rows_out - 1 are zero codes with scale 0.
     The reference twin of the CUDA kernel `cuda_tiles.to_e4m3_rows`, bit for bit.
     """
     _check_operand(t)
@@ -210,7 +211,8 @@ def to_e4m3_rows_reference(t: MXFP4Tensor, mult: float = 1.0, rows_out: int = No
     flagged &= ~row_nan                                     # a NaN row's output is NaN either way
     d = (e - e_row).clamp(-30, ROW_HEADROOM)
     folded = vals.reshape(R, nb, fmt.BLOCK) * _pow2(d).unsqueeze(-1)
-    keep = (live & ~flagged.unsqueeze(1)).unsqueeze(-1) & (folded != 0)   # zero codes are +0
+    # a block below E_r - 8 is only kept in a NaN row (never flagged): zero codes there, as the kernel writes
+    keep = (live & ~flagged.unsqueeze(1) & (e - e_row >= -MAX_TILE_SPAN)).unsqueeze(-1) & (folded != 0)  # +0 zeros
     folded = torch.where(keep, folded, torch.zeros_like(folded)).reshape(R, K)
     scale = (_pow2(e_row.squeeze(1)) * torch.tensor(mult, dtype=torch.float32)).to(torch.float32)
     scale = torch.where(flagged, torch.zeros_like(scale), scale)

@@ -431,12 +431,14 @@ def test_native_gemm_propagates_nan(scaling, monkeypatch):
 # ------------------------------------------------------------------------------------------------
 
 def _row_operand(rows, k, seed):
-    """A random operand (rows span 4 binades) with a NaN block (row 5), a row spanning 15 binades (row 9,
-    flagged), one spanning exactly 14 (row 10, kept), a far-down all-zero block (row 3) and -0 codes."""
+    """A random operand (rows span 4 binades) with a NaN block (row 5), a NaN row with a live block 15 binades
+    down (row 6: not flagged, that block zero codes), a row spanning 15 binades (row 9, flagged), one spanning
+    exactly 14 (row 10, kept), a far-down all-zero block (row 3) and -0 codes."""
     t = make_operand(rows, k, 4, seed=seed, mode="row", zero_frac=0.1)
     s, data = t.scales.clone(), t.data.clone()
     top = s.int().amax(1)
     s[5, 1] = fmt.E8M0_NAN
+    s[6, 0], s[6, 1], s[6, 2], data[6, :16], data[6, 32:48] = top[6], fmt.E8M0_NAN, top[6] - 15, 0x22, 0xB3
     s[9, 1], s[9, 0], data[9, :32] = top[9] - 15, top[9], 0x22
     s[10, 1], s[10, 0], data[10, :32] = top[10] - 14, top[10], 0x22
     s[3, 2], data[3, 32:48] = 1, 0
@@ -464,6 +466,18 @@ def test_cuda_row_conversion_is_bit_exact(rows, k):
                        L.to_e4m3_rows_reference(half).codes.view(torch.uint8))
 
 
+def _rows_gemm(hg, a, b, out_dtype, alpha, accumulate_into):
+    """hg._native_gemm with row scaling, failing (not silently testing the tiles) where cuBLASLt fell back."""
+    hg._warned.discard("rows_unsupported")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        c = hg._native_gemm(a, b, out_dtype, alpha, accumulate_into, scaling="rows")
+    assert "rows_unsupported" not in hg._warned, (
+        f"cuBLASLt has no outer-vector FP8 GEMM for M={a.shape[0]} N={b.shape[0]} K={a.padded_shape[1]} "
+        f"{out_dtype} accumulate={accumulate_into is not None}: the row path was not exercised")
+    return c
+
+
 @pytest.mark.parametrize("spread", [0, 4, 8, 14])
 def test_rows_gemm_within_the_fast_bound(spread):
     """Per-row scaling: exact with one exponent per row, within DESIGN §2.5's 5e-4 up to the 14-binade span,
@@ -473,7 +487,7 @@ def test_rows_gemm_within_the_fast_bound(spread):
     a = make_operand(M, K, spread, seed=300 + spread, mode="row")
     b = make_operand(N, K, spread, seed=400 + spread, mode="row", top=3)
     before = hg.monitor.calls_with_fallback(DEV)
-    c = hg._native_gemm(a, b, torch.float32, gemm_alpha(a, b, 1.0), None, scaling="rows")
+    c = _rows_gemm(hg, a, b, torch.float32, gemm_alpha(a, b, 1.0), None)
     assert hg.monitor.calls_with_fallback(DEV) == before
     err = rel(c, exact64(a, b))
     ERRORS[f"hopper_rows/row{spread}"] = err
@@ -499,7 +513,7 @@ def test_rows_gemm_adds_flagged_rows_exactly(out_dtype, M, N):
     b = MXFP4Tensor(b.data, sb, b.prescale, 1, b.shape)
     ref = exact64(a, b, alpha=0.37)
     before = hg.monitor.calls_with_fallback(DEV)
-    c = hg._native_gemm(a, b, out_dtype, gemm_alpha(a, b, 0.37), None, scaling="rows")
+    c = _rows_gemm(hg, a, b, out_dtype, gemm_alpha(a, b, 0.37), None)
     assert hg.monitor.calls_with_fallback(DEV) == before + 1
     exact_tol = EXACT_TOL if out_dtype == torch.float32 else 4e-3
     for r in fa:
@@ -511,13 +525,13 @@ def test_rows_gemm_adds_flagged_rows_exactly(out_dtype, M, N):
     # accumulate into an FP32 main_grad: aligned, and an unaligned view (staged)
     main = torch.randn(M, N, device=DEV)
     start = main.clone()
-    hg._native_gemm(a, b, torch.float32, gemm_alpha(a, b, 0.37), main, scaling="rows")
+    _rows_gemm(hg, a, b, torch.float32, gemm_alpha(a, b, 0.37), main)
     assert rel(main - start, ref) <= FAST_TOL
     assert rel((main - start)[fa], ref[fa]) <= 2e-6
     flat = torch.randn(M * N + 3, device=DEV)
     view = flat[3:].view(M, N)
     start = view.clone()
-    hg._native_gemm(a, b, torch.float32, gemm_alpha(a, b, 0.37), view, scaling="rows")
+    _rows_gemm(hg, a, b, torch.float32, gemm_alpha(a, b, 0.37), view)
     assert rel(view - start, ref) <= FAST_TOL and rel((view - start)[:, fb], ref[:, fb]) <= 2e-6
 
 
@@ -530,9 +544,10 @@ def test_rows_gemm_on_quantized_gradients_and_odd_shapes():
         w = torch.randn(N, K, generator=g, device=DEV).to(torch.bfloat16)
         x[:, ::97] *= 300.0
         signs = torch.where(torch.rand(64, generator=g, device=DEV) < 0.5, -1.0, 1.0)
-        a = quantize_reference(x, rounding="sr", rht_block=64 if K % 64 == 0 else 0, signs=signs, seed=1, offset=2)
-        b = quantize_reference(w, rounding="sr", rht_block=64 if K % 64 == 0 else 0, signs=signs, seed=1, offset=3)
-        c = hg._native_gemm(a, b, torch.float32, gemm_alpha(a, b, 1.0), None, scaling="rows")
+        g64 = 64 if K % 64 == 0 else 0  # signs only with the RHT (quantize_reference refuses them at g = 0)
+        a = quantize_reference(x, rounding="sr", rht_block=g64, signs=signs if g64 else None, seed=1, offset=2)
+        b = quantize_reference(w, rounding="sr", rht_block=g64, signs=signs if g64 else None, seed=1, offset=3)
+        c = _rows_gemm(hg, a, b, torch.float32, gemm_alpha(a, b, 1.0), None)
         err = rel(c, exact64(a, b))
         ERRORS[f"hopper_rows/quantized_{M}x{N}x{K}"] = err
         assert c.shape == (M, N) and err <= FAST_TOL, (M, N, K, err)
