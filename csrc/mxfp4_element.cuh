@@ -137,5 +137,71 @@ MXFP4_HD uint32_t pack8_sr(const float (&x)[8], uint32_t ra, uint32_t rb) {
          code_sr_at<6>(x[6], dither2<2>(rb)) | code_sr_at<7>(x[7], dither2<3>(rb));
 }
 
+// ---- Two elements per instruction (16-bit lanes), for |x| < 6 ------------------------------------------------
+// FP16 truncated toward zero keeps exactly what the rule reads: with a = |v| in [1, 8) and h its FP16 bits
+// (exponent E, 10-bit mantissa m), W = floor(512 g(a)) = h - 14336 (1024 + m, 2048 + m, 3072 + m in the three
+// binades); below 1, W = floor(1024 a) = bits(FP16(a + 1)) - 15360 with a + 1 truncated in float32 first. Each
+// formula is below the other outside its range, so W = max(both): a max of 16-bit lanes. With 0x8000 added to
+// every lane the lanes never borrow from each other, and bits 9..11 of W + 511 - 2r are the code's magnitude.
+
+// The FP16 bits of x rounded toward zero (finite x; the device's cvt.rz), in the low 16 bits.
+MXFP4_HD uint32_t f16_rz_bits(float x) {
+  const uint32_t u = f2u(x), s = (u >> 16) & 0x8000u;
+  const int e = static_cast<int>((u >> 23) & 0xFFu) - 127;
+  const uint32_t m = u & 0x7FFFFFu;
+  if (e > 15) return s | 0x7BFFu;                  // beyond 65504: the largest finite value
+  if (e >= -14) return s | (static_cast<uint32_t>(e + 15) << 10) | (m >> 13);
+  const int shift = -14 - e + 13;                  // subnormal: 10 fraction bits of 2^-14
+  return shift > 24 ? s : s | ((m | 0x800000u) >> shift);
+}
+
+// The FP16 pair (hi in bits 16..31, lo in bits 0..15) of two floats rounded toward zero.
+MXFP4_HD uint32_t f16x2_rz(float hi, float lo) {
+#ifdef __CUDA_ARCH__
+  uint32_t d;
+  asm("cvt.rz.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+  return d;
+#else
+  return (f16_rz_bits(hi) << 16) | f16_rz_bits(lo);
+#endif
+}
+
+MXFP4_HD uint32_t max_u16x2(uint32_t a, uint32_t b) {
+#ifdef __CUDA_ARCH__
+  return __vmaxu2(a, b);
+#else
+  const uint32_t lo = umax(a & 0xFFFFu, b & 0xFFFFu), hi = umax(a >> 16, b >> 16);
+  return (hi << 16) | lo;
+#endif
+}
+
+MXFP4_HD uint32_t byte_perm(uint32_t a, uint32_t b, uint32_t sel) {
+#ifdef __CUDA_ARCH__
+  return __byte_perm(a, b, sel);
+#else
+  const uint64_t v = (static_cast<uint64_t>(b) << 32) | a;
+  uint32_t r = 0;
+  for (int k = 0; k < 4; ++k) r |= static_cast<uint32_t>((v >> (8 * ((sel >> (4 * k)) & 7u))) & 0xFFu) << (8 * k);
+  return r;
+#endif
+}
+
+// The SR codes of x[k] and x[k + 4] (|x| < 6) in bits 0..3 and 16..19 (other bits 0), dither bytes k of ra, rb.
+template <int K>
+MXFP4_HD uint32_t code_sr_pair(const float (&x)[8], uint32_t ra, uint32_t rb) {
+  const uint32_t h = f16x2_rz(x[K + 4], x[K]);
+  const uint32_t h1 = f16x2_rz(add_rz(absf(x[K + 4]), 1.0f), add_rz(absf(x[K]), 1.0f));
+  const uint32_t w = max_u16x2((h & 0x7FFF7FFFu) + 0x48004800u, h1 + 0x44004400u);  // W + 0x8000 per lane
+  const uint32_t r = byte_perm(ra, rb, K | (K << 4) | ((K + 4) << 8) | ((K + 4) << 12)) & 0x00FF00FFu;
+  const uint32_t t = w + 0x01FF01FFu - r - r;                                        // W + 511 - 2r + 0x8000
+  return ((t >> 9) & 0x00070007u) | ((h >> 12) & 0x00080008u);
+}
+
+// `pack8_sr` two elements per instruction (the same codes).
+MXFP4_HD uint32_t pack8_sr_pairs(const float (&x)[8], uint32_t ra, uint32_t rb) {
+  return code_sr_pair<0>(x, ra, rb) | (code_sr_pair<1>(x, ra, rb) << 4) | (code_sr_pair<2>(x, ra, rb) << 8) |
+         (code_sr_pair<3>(x, ra, rb) << 12);
+}
+
 }  // namespace detail
 }  // namespace mxfp4

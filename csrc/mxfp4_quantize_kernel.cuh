@@ -291,7 +291,7 @@ __device__ __forceinline__ void quantize_store(const float (&v)[E], float presca
           float x[8];
 #pragma unroll
           for (int k = 0; k < 8; ++k) x[k] = __fmul_rn(v[32 * b + 16 * h + 8 * q + k], mul);
-          const uint32_t word = pack8_sr(x, r4[2 * q], r4[2 * q + 1]);
+          const uint32_t word = pack8_sr_pairs(x, r4[2 * q], r4[2 * q + 1]);
           words[4 * b + 2 * h + q] = bad ? 0u : word;
         }
         continue;

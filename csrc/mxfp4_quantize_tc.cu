@@ -94,7 +94,7 @@ __device__ __forceinline__ void encode(const float (&v)[N], float mul, float pre
       float x[8];
 #pragma unroll
       for (int k = 0; k < 8; ++k) x[k] = __fmul_rn(v[8 * q + k], mul);
-      words[q] = pack8_sr(x, r4[2 * q], r4[2 * q + 1]);
+      words[q] = pack8_sr_pairs(x, r4[2 * q], r4[2 * q + 1]);
     }
     return;
   }

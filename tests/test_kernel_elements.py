@@ -4,8 +4,9 @@ the CPU, against the reference's `round_rtn` / `round_sr`: the device source its
 Inputs: every (grid interval, ⌊512 f⌋ bucket) at both bucket ends with all 256 dither bytes and both signs
 (the rule's whole decision table), the RTN midpoints and their neighbours, ±0, subnormals, values up to 8 (no
 prescale) and a log-uniform sample over the float32 exponents. `code_sr_at` (the unclamped encoder placed in
-its nibble) and `pack8_sr` (eight of them with their dither bytes taken from two Philox words) are checked on
-their domain |v| < 6 at all eight nibble positions. Skipped without nvcc.
+its nibble), `pack8_sr` (eight of them with their dither bytes taken from two Philox words) and
+`pack8_sr_pairs` (the same, two elements per instruction in FP16 lanes) are checked on their domain |v| < 6.
+Skipped without nvcc.
 """
 import os
 import subprocess
@@ -46,7 +47,8 @@ def run(harness, tmp_path, v: torch.Tensor, r: torch.Tensor):
     raw = np.fromfile(dst, dtype=np.uint8)
     n = v.numel()
     per = torch.from_numpy(raw[:3 * n].reshape(-1, 3).copy())
-    return per[:, 0], per[:, 1], per[:, 2], torch.from_numpy(raw[3 * n:].copy())
+    return (per[:, 0], per[:, 1], per[:, 2], torch.from_numpy(raw[3 * n:4 * n].copy()),
+            torch.from_numpy(raw[4 * n:].copy()))
 
 
 def inputs():
@@ -64,7 +66,7 @@ def inputs():
 
 def test_encoders_equal_the_reference(harness, tmp_path):
     v, r = inputs()
-    rtn, sr, sat, packed = run(harness, tmp_path, v, r)
+    rtn, sr, sat, packed, pairs = run(harness, tmp_path, v, r)
     want_rtn, want_sr = round_rtn(v), round_sr(v, r)
     assert torch.equal(rtn, want_rtn), int((rtn != want_rtn).sum())
     assert torch.equal(sr, want_sr), int((sr != want_sr).sum())
@@ -76,10 +78,11 @@ def test_encoders_equal_the_reference(harness, tmp_path):
     assert int(groups.sum()) > 2_000_000
     idx = torch.nonzero(groups).flatten()
     assert torch.equal(packed[idx], want_sr[idx]), int((packed[idx] != want_sr[idx]).sum())
+    assert torch.equal(pairs[idx], want_sr[idx]), int((pairs[idx] != want_sr[idx]).sum())
 
 
 def test_the_harness_can_fail(harness, tmp_path):
     """Negative control: a dither byte off by one changes codes that the reference pins."""
     v, r = inputs()
-    _, sr, _, _ = run(harness, tmp_path, v, (r + 1) % 256)
+    _, sr, _, _, _ = run(harness, tmp_path, v, (r + 1) % 256)
     assert int((sr != round_sr(v, r)).sum()) > 10_000

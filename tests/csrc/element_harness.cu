@@ -1,8 +1,8 @@
 // Host run of the quantize kernels' element encoders (csrc/mxfp4_element.cuh) for tests/test_kernel_elements.py:
 // reads n records (float32 v, uint8 r) from the input file and writes four bytes per record: code_rtn(v),
-// code_sr(v, r), code_sr_at<i % 8>(v, 2r) moved back to the low nibble, and the record's nibble of pack8_sr over
-// its group of eight records (records 8j .. 8j+7); 0xFF where |v| >= 6 or v is not finite (outside those
-// functions' domain; for pack8_sr, anywhere in the group).
+// code_sr(v, r), code_sr_at<i % 8>(v, 2r) moved back to the low nibble, then (after all records) the record's
+// nibble of pack8_sr and of pack8_sr_pairs over its group of eight records (records 8j .. 8j+7); 0xFF where
+// |v| >= 6 or v is not finite (outside those functions' domain; for the packers, anywhere in the group).
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -54,7 +54,7 @@ int main(int argc, char** argv) {
   std::fclose(in);
   // pack8_sr per group of eight records: a second pass over the inputs kept in `vals`/`rs`
   const size_t n = vals.size();
-  for (size_t j = 0; j < n; ++j) out.push_back(0xFF);  // placeholder, filled below
+  for (size_t j = 0; j < 2 * n; ++j) out.push_back(0xFF);  // placeholders, filled below
   for (size_t g = 0; g + 8 <= n; g += 8) {
     float x[8];
     uint32_t ra = 0, rb = 0;
@@ -65,8 +65,11 @@ int main(int argc, char** argv) {
       (k < 4 ? ra : rb) |= static_cast<uint32_t>(rs[g + k]) << (8 * (k % 4));
     }
     if (!ok) continue;
-    const uint32_t word = pack8_sr(x, ra, rb);
-    for (int k = 0; k < 8; ++k) out[3 * n + g + k] = static_cast<unsigned char>((word >> (4 * k)) & 15u);
+    const uint32_t word = pack8_sr(x, ra, rb), pairs = pack8_sr_pairs(x, ra, rb);
+    for (int k = 0; k < 8; ++k) {
+      out[3 * n + g + k] = static_cast<unsigned char>((word >> (4 * k)) & 15u);
+      out[4 * n + g + k] = static_cast<unsigned char>((pairs >> (4 * k)) & 15u);
+    }
   }
   FILE* o = std::fopen(argv[2], "wb");
   if (!o || std::fwrite(out.data(), 1, out.size(), o) != out.size()) return 2;
