@@ -21,6 +21,12 @@ def _native_or_skip():
     reason = hb.native_reason()
     if reason is not None:
         pytest.fail(f"the extension on this GPU machine should run the one-call backward: {reason}")
+    from megatron_mxfp4.ops.dispatch import selected_backend
+
+    probe = torch.zeros(1, device=DEV, dtype=torch.bfloat16)
+    picked = {k: selected_backend(k, "auto", probe) for k in ("quantize", "dual", "gemm")}
+    if picked != {"quantize": "cuda", "dual": "cuda", "gemm": "hopper"}:
+        pytest.fail(f"the dispatcher does not pick the backends the one-call backward replaces: {picked}")
     return hb
 
 
