@@ -237,6 +237,14 @@ __device__ __forceinline__ void fwht(float (&v)[E], int seg, int step, float hsc
   __syncwarp();  // keeps the scheduler from interleaving the transform with the quantization (registers)
 }
 
+// A block's E8M0 scale byte (e + 127, e = floor(log2 amax) - 2 clamped to [-127, 127]) and its multiplier
+// 2^-e p (exact), from the block's NaN-propagating amax; returns whether the block holds NaN or Inf.
+__device__ __forceinline__ bool block_scale(float amax, float prescale, uint32_t& sbyte, float& mul) {
+  sbyte = max(__float_as_uint(amax) >> 23, 2u) - 2u;
+  mul = __fmul_rn(__uint_as_float((254u - sbyte) << 23), prescale);
+  return !(amax <= 3.402823466e38f);
+}
+
 // Byte offset of scale (r, c) in the 128x4-swizzled E8M0 layout that Blackwell's block-scaled GEMMs read
 // (twin of `layouts.blackwell_scale_offset`): 512-byte blocks of 128 rows x 4 scale columns in row-major
 // block order, (r, c) at (r % 32) * 16 + (r % 128 / 32) * 4 + c % 4 inside its block; `padded_cols` is the
@@ -259,9 +267,9 @@ __device__ __forceinline__ void quantize_store(const float (&v)[E], float presca
     float amax = 0.0f;
 #pragma unroll
     for (int i = 0; i < 32; ++i) amax = max_nan_abs(amax, v[32 * b + i]);
-    const bool bad = !(amax <= 3.402823466e38f);  // NaN or Inf in the block
-    const uint32_t sbyte = max(__float_as_uint(amax) >> 23, 2u) - 2u;  // e + 127
-    const float mul = __fmul_rn(__uint_as_float((254u - sbyte) << 23), prescale);  // 2^-e p, exact
+    uint32_t sbyte;
+    float mul;
+    const bool bad = block_scale(amax, prescale, sbyte, mul);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {  // 16 elements per Philox call
       uint4 rnd = make_uint4(0, 0, 0, 0);

@@ -178,12 +178,10 @@ __global__ void __launch_bounds__(kTcThreads) quantize_dual_tc_kernel(const Quan
             amax = max_nan_abs(amax, v[2 * j + b]);
           }
         }
-        float other;
-        asm("max.NaN.f32 %0, %1, %2;" : "=f"(other) : "f"(amax), "f"(__shfl_xor_sync(0xFFFFFFFFu, amax, 1)));
-        amax = other;  // the MX block: lanes t and t ^ 1
-        const bool bad = !(amax <= 3.402823466e38f);
-        const uint32_t sbyte = max(__float_as_uint(amax) >> 23, 2u) - 2u;
-        const float mul = __fmul_rn(__uint_as_float((254u - sbyte) << 23), p.prescale);
+        amax = max_nan_abs(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, 1));  // the MX block: lanes t and t ^ 1
+        uint32_t sbyte;
+        float mul;
+        const bool bad = block_scale(amax, p.prescale, sbyte, mul);
         const int64_t gr = row0 + 16 * warp + g + 8 * h, gc = col0 + 16 * t;
         uint4 rnd = make_uint4(0, 0, 0, 0);
         if (SR) rnd = philox_block(static_cast<uint64_t>(gr * p.row_k + gc) >> 4, off_row, kDomainDither, key);
@@ -244,14 +242,11 @@ __global__ void __launch_bounds__(kTcThreads) quantize_dual_tc_kernel(const Quan
             }
           }
 #pragma unroll
-          for (int s = 4; s <= 8; s <<= 1) {  // the MX block: lanes with g ^ 1, g ^ 2
-            float other;
-            asm("max.NaN.f32 %0, %1, %2;" : "=f"(other) : "f"(amax), "f"(__shfl_xor_sync(0xFFFFFFFFu, amax, s)));
-            amax = other;
-          }
-          const bool bad = !(amax <= 3.402823466e38f);
-          const uint32_t sbyte = max(__float_as_uint(amax) >> 23, 2u) - 2u;
-          const float mul = __fmul_rn(__uint_as_float((254u - sbyte) << 23), p.prescale);
+          for (int s = 4; s <= 8; s <<= 1)  // the MX block: lanes with g ^ 1, g ^ 2
+            amax = max_nan_abs(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, s));
+          uint32_t sbyte;
+          float mul;
+          const bool bad = block_scale(amax, p.prescale, sbyte, mul);
           uint32_t r4[2] = {0u, 0u};
           if (SR) {
             // positions 8g .. 8g+7 are words 0, 1 (g even) or 2, 3 (g odd) of the group's call, which the
