@@ -249,6 +249,41 @@ def _loop_body(instrs) -> int:
     return max(spans) if spans else best
 
 
+def _cvt_rs_lines(root: str, tmp: str) -> str:
+    """sm_100a: the butterfly dual kernel (BF16, g = 64, SR, 3/4 prescale) with the software rule and with
+    Blackwell's cvt.rs under a feed without and with the bias (csrc/mxfp4_cvt_rs.cuh), each path fixed in a copy of
+    the sources (the kernel picks one per launch)."""
+    import re
+    import shutil
+    import subprocess
+
+    edits = {"software rule": [("mxfp4_cvt_rs.cuh", "#define MXFP4_HAS_CVT_RS 1", "#define MXFP4_HAS_CVT_RS 0")],
+             "cvt.rs, feed without bias": [("mxfp4_quantize_kernel.cuh", "if (SR && (hw_sr & kHwSrOn)) {", "if (SR) {"),
+                                           ("mxfp4_cvt_rs.cuh", "if (!(feed & kHwSrBias)) return v;", "return v;")],
+             "cvt.rs, feed with bias": [("mxfp4_quantize_kernel.cuh", "if (SR && (hw_sr & kHwSrOn)) {", "if (SR) {"),
+                                        ("mxfp4_cvt_rs.cuh", "if (!(feed & kHwSrBias)) return v;", "")]}
+    out = ["", "sm_100a, the butterfly kernel at g = 64, SR, prescale 3/4 (Blackwell's stochastic conversion; "
+           "not run on hardware):", "", "| SR path | instructions per element and copy |", "|---|---|"]
+    for name, subs in edits.items():
+        src_dir = os.path.join(tmp, "csrc_" + re.sub(r"\W+", "_", name))
+        shutil.copytree(os.path.join(root, "csrc"), src_dir)
+        for fname, old, new in subs + [("mxfp4_quantize_kernel.cuh", "prescale <= 0.75f", "true")]:
+            path = os.path.join(src_dir, fname)
+            with open(path) as f:
+                text = f.read()
+            assert old in text, (name, fname, old)
+            with open(path, "w") as f:
+                f.write(text.replace(old, new))
+        obj = os.path.join(src_dir, "dual.o")
+        subprocess.run(["nvcc", "-O3", "-std=c++17", "-w", "-I" + src_dir, "-gencode=arch=compute_100a,code=sm_100a",
+                        "-c", os.path.join(src_dir, "mxfp4_quantize_bf16_dual.cu"), "-o", obj], check=True)
+        for fn, instrs in _sass(obj).items():
+            dm = subprocess.run(["c++filt", fn], capture_output=True, text=True).stdout
+            if "quantize_kernel<__nv_bfloat16, 64, 3, true>" in dm:
+                out.append(f"| {name} | {_loop_body(instrs) / 128:.1f} |")
+    return "\n".join(out) + "\n"
+
+
 def sass_table(gs, out_md=None) -> str:
     """SASS instructions per element and copy (sm_90a) that one unit of work executes: the Triton prototype's
     whole program (straight-line: one [B, B] tile, both copies, 128 threads), and the per-tile loop body of the
@@ -323,7 +358,7 @@ def sass_table(gs, out_md=None) -> str:
             rounding = {"sr 3/4": "SR, prescale 3/4 (the recipe)", "sr 1": "SR, prescale 1", "rtn": "RTN"}[arm]
             lines.append(f"| {g} | {rounding} | {cuda[('bf', g, arm)]:.1f} | "
                          f"{'' if tc is None else f'{tc:.1f}'} | {per_triton:.1f} |")
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n" + _cvt_rs_lines(root, tmp)
     if out_md:
         with open(out_md, "w") as f:
             f.write("# The dual quantizer's instructions per element and copy (static SASS, sm_90a)\n\n"
