@@ -12,8 +12,9 @@
 //        i.e. iff floor(512 f) >= 2r + 1, so code = (W + 511 - 2r) >> 9. W comes from one float add rounded
 //        toward zero: |v| * 2^(137 - xc) < 2048 is exact, and adding the integer 2^23 + 511 - 2r + 1024 (xc - 127)
 //        leaves W + 511 - 2r in the low mantissa bits.
-// Both are clamped to 7 (|v| >= 6 saturates); `code_sr_at` drops the clamps where |v| < 6 (SR with the 3/4
-// prescale: the block maximum scales into [3, 6)) and writes the code straight into its nibble.
+// Both are clamped to 7 (|v| >= 6 saturates); `code_sr_at` drops the clamps where |v| <= 6 (SR with the 3/4
+// prescale: the block maximum scales into [3, 6], 6 only where the product rounds up to it) and writes the code
+// straight into its nibble.
 #pragma once
 
 #include <cstdint>
@@ -109,8 +110,8 @@ MXFP4_HD uint32_t code_sr(float x, uint32_t r) {
   return mag | ((xb >> 28) & 8u);
 }
 
-// `code_sr` of |x| < 6 (NaN and Inf excepted: their blocks are zeroed) at nibble K of the result, other bits 0;
-// r2 = 2r. Below 6 the exponent is at most 129 and W + 511 - 2r < 4096, so neither clamp is needed and bits
+// `code_sr` of |x| <= 6 (NaN and Inf excepted: their blocks are zeroed) at nibble K of the result, other bits 0;
+// r2 = 2r. Up to 6 the exponent is at most 129 and W + 511 - 2r < 4096, so neither clamp is needed and bits
 // 9..11 of the sum hold the magnitude.
 template <int K>
 MXFP4_HD uint32_t code_sr_at(float x, uint32_t r2) {
@@ -129,7 +130,7 @@ MXFP4_HD uint32_t dither2(uint32_t w) {
   return (B == 0 ? w << 1 : w >> (8 * B - 1)) & 0x1FEu;
 }
 
-// The SR codes of x[0..7] (|x| < 6), low nibble first; their dither bytes are bytes 0..3 of ra, then of rb.
+// The SR codes of x[0..7] (|x| <= 6), low nibble first; their dither bytes are bytes 0..3 of ra, then of rb.
 MXFP4_HD uint32_t pack8_sr(const float (&x)[8], uint32_t ra, uint32_t rb) {
   return code_sr_at<0>(x[0], dither2<0>(ra)) | code_sr_at<1>(x[1], dither2<1>(ra)) |
          code_sr_at<2>(x[2], dither2<2>(ra)) | code_sr_at<3>(x[3], dither2<3>(ra)) |
@@ -137,7 +138,7 @@ MXFP4_HD uint32_t pack8_sr(const float (&x)[8], uint32_t ra, uint32_t rb) {
          code_sr_at<6>(x[6], dither2<2>(rb)) | code_sr_at<7>(x[7], dither2<3>(rb));
 }
 
-// ---- Two elements per instruction (16-bit lanes), for |x| < 6 ------------------------------------------------
+// ---- Two elements per instruction (16-bit lanes), for |x| <= 6 ------------------------------------------------
 // FP16 truncated toward zero keeps exactly what the rule reads: with a = |v| in [1, 8) and h its FP16 bits
 // (exponent E, 10-bit mantissa m), W = floor(512 g(a)) = h - 14336 (1024 + m, 2048 + m, 3072 + m in the three
 // binades); below 1, W = floor(1024 a) = bits(FP16(a + 1)) - 15360 with a + 1 truncated in float32 first. Each
@@ -186,7 +187,7 @@ MXFP4_HD uint32_t byte_perm(uint32_t a, uint32_t b, uint32_t sel) {
 #endif
 }
 
-// The SR codes of x[k] and x[k + 4] (|x| < 6) in bits 0..3 and 16..19 (other bits 0), dither bytes k of ra, rb.
+// The SR codes of x[k] and x[k + 4] (|x| <= 6) in bits 0..3 and 16..19 (other bits 0), dither bytes k of ra, rb.
 template <int K>
 MXFP4_HD uint32_t code_sr_pair(const float (&x)[8], uint32_t ra, uint32_t rb) {
   const uint32_t h = f16x2_rz(x[K + 4], x[K]);

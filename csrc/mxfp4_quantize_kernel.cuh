@@ -293,7 +293,7 @@ __device__ __forceinline__ void quantize_store(const float (&v)[E], float presca
         continue;
       }
 #endif
-      if (SR && prescale <= 0.75f) {  // |v| < 6: the unclamped encoder (warp-uniform: one prescale per launch)
+      if (SR && prescale <= 0.75f) {  // |v| <= 6: the unclamped encoder (warp-uniform: one prescale per launch)
 #pragma unroll
         for (int q = 0; q < 2; ++q) {
           float x[8];

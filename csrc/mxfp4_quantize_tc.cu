@@ -88,7 +88,7 @@ __device__ __forceinline__ void load_tc_tile(const QuantizeParams& p, int64_t ti
 template <int N, bool SR>
 __device__ __forceinline__ void encode(const float (&v)[N], float mul, float prescale, const uint32_t* r4,
                                        uint32_t (&words)[N / 8]) {
-  if (SR && prescale <= 0.75f) {  // |v| < 6: the unclamped encoder
+  if (SR && prescale <= 0.75f) {  // |v| <= 6: the unclamped encoder
 #pragma unroll
     for (int q = 0; q < N / 8; ++q) {
       float x[8];

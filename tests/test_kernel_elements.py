@@ -5,7 +5,7 @@ Inputs: every (grid interval, ⌊512 f⌋ bucket) at both bucket ends with all 2
 (the rule's whole decision table), the RTN midpoints and their neighbours, ±0, subnormals, values up to 8 (no
 prescale) and a log-uniform sample over the float32 exponents. `code_sr_at` (the unclamped encoder placed in
 its nibble), `pack8_sr` (eight of them with their dither bytes taken from two Philox words) and
-`pack8_sr_pairs` (the same, two elements per instruction in FP16 lanes) are checked on their domain |v| < 6.
+`pack8_sr_pairs` (the same, two elements per instruction in FP16 lanes) are checked on their domain |v| ≤ 6.
 Skipped without nvcc.
 """
 import os
@@ -70,7 +70,7 @@ def test_encoders_equal_the_reference(harness, tmp_path):
     want_rtn, want_sr = round_rtn(v), round_sr(v, r)
     assert torch.equal(rtn, want_rtn), int((rtn != want_rtn).sum())
     assert torch.equal(sr, want_sr), int((sr != want_sr).sum())
-    dom = v.abs() < 6
+    dom = v.abs() <= 6  # v = 6 happens: 3/4 of the largest float below 8 rounds to 6
     assert int(dom.sum()) > 3_000_000
     assert torch.equal(sat[dom], want_sr[dom]), int((sat[dom] != want_sr[dom]).sum())
     assert bool((sat[~dom] == 0xFF).all())

@@ -32,7 +32,7 @@ int main(int argc, char** argv) {
   size_t i = 0;
   while (std::fread(&v, 4, 1, in) == 1 && std::fread(&r, 1, 1, in) == 1) {
     uint32_t sat = 0xFF;
-    if (std::isfinite(v) && std::fabs(v) < 6.0f) {
+    if (std::isfinite(v) && std::fabs(v) <= 6.0f) {
       switch (i % 8) {
         case 0: sat = at<0>(v, r); break;
         case 1: sat = at<1>(v, r); break;
@@ -61,7 +61,7 @@ int main(int argc, char** argv) {
     bool ok = true;
     for (int k = 0; k < 8; ++k) {
       x[k] = vals[g + k];
-      ok = ok && std::isfinite(x[k]) && std::fabs(x[k]) < 6.0f;
+      ok = ok && std::isfinite(x[k]) && std::fabs(x[k]) <= 6.0f;
       (k < 4 ? ra : rb) |= static_cast<uint32_t>(rs[g + k]) << (8 * (k % 4));
     }
     if (!ok) continue;
