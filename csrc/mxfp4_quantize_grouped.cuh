@@ -82,9 +82,8 @@ __device__ __forceinline__ void write_drawn_signs(float* out, uint64_t offset, c
 template <typename T, int G, int MODE, bool SR>
 __global__ void __launch_bounds__(kThreads, 2) quantize_grouped_kernel(const __grid_constant__ GroupedParams p) {
   using Geo = Geometry<G, MODE, sizeof(T)>;
-  constexpr int E = Geo::E, NSEG = Geo::NSEG, TR = Geo::TR, TC = Geo::TC, CH = Geo::CH, GB = Geo::GB;
+  constexpr int TR = Geo::TR, TC = Geo::TC, GB = Geo::GB;
   constexpr bool DO_ROW = (MODE & kRow) != 0, DO_COL = (MODE & kCol) != 0, RHT = G > 0;
-  constexpr int SZ = sizeof(T);
 
   extern __shared__ __align__(16) unsigned char smem[];
   uint32_t* sgn_row = reinterpret_cast<uint32_t*>(smem);
@@ -103,7 +102,6 @@ __global__ void __launch_bounds__(kThreads, 2) quantize_grouped_kernel(const __g
   }
 
   const int64_t ntiles = p.ntiles;
-  const int tid = threadIdx.x;
   int64_t tile = blockIdx.x;
   int cur = -1;        // segment whose key, offsets and signs are loaded
   int seg = 0;         // segment of `tile`
@@ -149,61 +147,12 @@ __global__ void __launch_bounds__(kThreads, 2) quantize_grouped_kernel(const __g
     const int64_t lt = tile - sg.tile_start;
     const int64_t row0 = (lt / ntc) * TR, col0 = (lt % ntc) * TC;
 
-    if (DO_ROW) {
-      constexpr int SEGROW = TC / E;
-#pragma unroll 1
-      for (int u = tid; u < TR * SEGROW; u += kThreads) {
-        const int rest = u >> 3, sgi = rest % SEGROW, r = (rest / SEGROW) * 8 + (u & 7);
-        const int sig = sgi % NSEG;
-        float v[E];
-        const unsigned char* rowp = t + r * TC * SZ;
-        const int f = swizzle<Geo>(r);
-#pragma unroll
-        for (int j = 0; j < E / CH; ++j) {
-          const int c = sgi * (E / CH) + j;
-          const uint4 d = *reinterpret_cast<const uint4*>(rowp + ((c ^ f) * 16));
-          convert_chunk<T, RHT>(d, sgn_row + sig * E + j * CH, v + j * CH);
-        }
-        if (RHT) fwht<E, NSEG>(v, sig, 8, p.hadamard_scale);
-        const int64_t gr = row0 + r, gc = col0 + sgi * E;
-        const bool valid = gr < sg.rows && gc < sg.row_k;
-        quantize_store<E, SR>(v, p.prescale, static_cast<uint64_t>(gr * sg.row_k + gc), off_row, key,
-                              sg.row_data + gr * (sg.row_k / 2) + gc / 2, sg.row_scales + gr * (sg.row_k / 32) + gc / 32,
-                              valid, nullptr, 0, 0, 0, p.hw_sr);
-      }
-    }
-    if (DO_COL) {
-      constexpr int CW = Geo::CW;
-      constexpr int SEGCOL = TR / E;
-#pragma unroll 1
-      for (int u = tid; u < TC * SEGCOL; u += kThreads) {
-        const int col_lo = u % CW, t1 = u / CW, s = t1 % NSEG, t2 = t1 / NSEG;
-        const int c = (t2 % (TC / CW)) * CW + col_lo, rs = (t2 / (TC / CW)) * NSEG + s;
-        float v[E];
-        const int cx = (c / CH) ^ (s * Geo::KSWZ);
-        const unsigned char* base = t + rs * E * TC * SZ + (c % CH) * SZ;
-        const unsigned char* addr[8];
-#pragma unroll
-        for (int k = 0; k < 8; ++k) addr[k] = base + ((cx ^ k) * 16);
-#pragma unroll
-        for (int i0 = 0; i0 < E; i0 += 4) {
-          uint4 m = make_uint4(0, 0, 0, 0);
-          if (RHT) m = *reinterpret_cast<const uint4*>(sgn_col + s * E + i0);
-          const uint32_t m4[4] = {m.x, m.y, m.z, m.w};
-#pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            const int i = i0 + k;
-            v[i] = __uint_as_float(load_bits(addr[i & 7] + i * TC * SZ, static_cast<T*>(nullptr)) ^ m4[k]);
-          }
-        }
-        if (RHT) fwht<E, NSEG>(v, s, CW, p.hadamard_scale);
-        const int64_t gc = col0 + c, gr = row0 + rs * E;
-        const bool valid = gc < sg.cols && gr < sg.col_k;
-        quantize_store<E, SR>(v, p.prescale, static_cast<uint64_t>(gc * sg.col_k + gr), off_col, key,
-                              sg.col_data + gc * (sg.col_k / 2) + gr / 2, sg.col_scales + gc * (sg.col_k / 32) + gr / 32,
-                              valid, nullptr, 0, 0, 0, p.hw_sr);
-      }
-    }
+    if (DO_ROW)
+      quantize_tile_rows<T, Geo, RHT, SR>(t, sgn_row, p.hadamard_scale, p.prescale, row0, col0, sg.rows, sg.row_k,
+                                          sg.row_data, sg.row_scales, nullptr, off_row, key, p.hw_sr);
+    if (DO_COL)
+      quantize_tile_cols<T, Geo, RHT, SR>(t, sgn_col, p.hadamard_scale, p.prescale, row0, col0, sg.cols, sg.col_k,
+                                          sg.col_data, sg.col_scales, nullptr, off_col, key, p.hw_sr);
     __syncthreads();
     if (Geo::STAGES == 1) {
       if (next < ntiles) {
@@ -237,29 +186,13 @@ void launch_grouped(const GroupedParams& in, cudaStream_t stream) {
       drawn |= ((MODE & kRow) && !p.seg[s].row_signs && p.seg[s].row_signs_out) ||
                ((MODE & kCol) && !p.seg[s].col_signs && p.seg[s].col_signs_out);
     if (total == 0 && !drawn) return;
-    auto kern = quantize_grouped_kernel<T, G, MODE, SR>;
     int dev = 0;
     check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-    constexpr int kMaxDevices = 64;
-    static int blocks_per_sm[kMaxDevices] = {0};
-    static int sm_count[kMaxDevices] = {0};
-    if (dev >= kMaxDevices) throw std::invalid_argument("mxfp4 quantize: device index out of range");
-    if (blocks_per_sm[dev] == 0) {
-      check_cuda(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, Geo::SMEM_BYTES),
-                 "cudaFuncSetAttribute");
-      int nb = 0, sms = 0;
-      check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, kern, kThreads, Geo::SMEM_BYTES),
-                 "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
-      check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
-      if (nb < 1) throw std::runtime_error("mxfp4 quantize: grouped kernel cannot be resident on this device");
-      sm_count[dev] = sms;
-      blocks_per_sm[dev] = nb;
-    }
-    const int64_t cap = static_cast<int64_t>(sm_count[dev]) * blocks_per_sm[dev];
+    const int64_t cap = resident_capacity<quantize_grouped_kernel<T, G, MODE, SR>>(dev, Geo::SMEM_BYTES);
     const int64_t want = total > 0 ? total : 1;  // the signs prologue strides over all segments
     const unsigned grid = static_cast<unsigned>(want < cap ? want : cap);
     p.hw_sr = SR ? hw_sr_feed(dev) : 0u;
-    kern<<<grid, kThreads, Geo::SMEM_BYTES, stream>>>(p);
+    quantize_grouped_kernel<T, G, MODE, SR><<<grid, kThreads, Geo::SMEM_BYTES, stream>>>(p);
     check_cuda(cudaGetLastError(), "grouped kernel launch");
   }
 }

@@ -380,12 +380,81 @@ __device__ __forceinline__ void load_tile(const QuantizeParams& p, int64_t tile,
   }
 }
 
+// The row copy of one shared-memory tile (t, rows row0.., columns col0..): every E elements of a row along the
+// quantized dimension, through the RHT, quantized and stored at row r of `data` / `scales` (row length k).
+template <typename T, class Geo, bool RHT, bool SR>
+__device__ __forceinline__ void quantize_tile_rows(const unsigned char* t, const uint32_t* signs, float hadamard_scale,
+                                                   float prescale, int64_t row0, int64_t col0, int64_t rows, int64_t k,
+                                                   uint8_t* data, uint8_t* scales, uint8_t* swz, uint64_t offset,
+                                                   const PhiloxKey& key, uint32_t hw_sr) {
+  constexpr int E = Geo::E, NSEG = Geo::NSEG, TR = Geo::TR, TC = Geo::TC, CH = Geo::CH, SZ = sizeof(T);
+  constexpr int SEGROW = TC / E;
+#pragma unroll 1
+  for (int u = threadIdx.x; u < TR * SEGROW; u += kThreads) {
+    const int rest = u >> 3, seg = rest % SEGROW, r = (rest / SEGROW) * 8 + (u & 7);
+    const int sig = seg % NSEG;
+    float v[E];
+    const unsigned char* rowp = t + r * TC * SZ;
+    const int f = swizzle<Geo>(r);
+#pragma unroll
+    for (int j = 0; j < E / CH; ++j) {
+      const int c = seg * (E / CH) + j;
+      const uint4 d = *reinterpret_cast<const uint4*>(rowp + ((c ^ f) * 16));
+      convert_chunk<T, RHT>(d, signs + sig * E + j * CH, v + j * CH);
+    }
+    if (RHT) fwht<E, NSEG>(v, sig, 8, hadamard_scale);
+    const int64_t gr = row0 + r, gc = col0 + seg * E;
+    const bool valid = gr < rows && gc < k;
+    quantize_store<E, SR>(v, prescale, static_cast<uint64_t>(gr * k + gc), offset, key, data + gr * (k / 2) + gc / 2,
+                          scales + gr * (k / 32) + gc / 32, valid, swz, gr, gc / 32, (k / 32 + 3) / 4 * 4, hw_sr);
+  }
+}
+
+// The column copy of one shared-memory tile: every E elements of a column along the quantized dimension (the
+// tile's rows), through the RHT, quantized and stored transposed at row c of `data` / `scales` (row length k).
+template <typename T, class Geo, bool RHT, bool SR>
+__device__ __forceinline__ void quantize_tile_cols(const unsigned char* t, const uint32_t* signs, float hadamard_scale,
+                                                   float prescale, int64_t row0, int64_t col0, int64_t cols, int64_t k,
+                                                   uint8_t* data, uint8_t* scales, uint8_t* swz, uint64_t offset,
+                                                   const PhiloxKey& key, uint32_t hw_sr) {
+  constexpr int E = Geo::E, NSEG = Geo::NSEG, TR = Geo::TR, TC = Geo::TC, CH = Geo::CH, SZ = sizeof(T);
+  constexpr int CW = Geo::CW;
+  constexpr int SEGCOL = TR / E;
+#pragma unroll 1
+  for (int u = threadIdx.x; u < TC * SEGCOL; u += kThreads) {
+    const int col_lo = u % CW, t1 = u / CW, s = t1 % NSEG, t2 = t1 / NSEG;
+    const int c = (t2 % (TC / CW)) * CW + col_lo, rs = (t2 / (TC / CW)) * NSEG + s;
+    float v[E];
+    // row rs*E + i, column c: chunk (c / CH) ^ swizzle(row) = cx ^ (i & 7), cx = (c / CH) ^ s*KSWZ
+    const int cx = (c / CH) ^ (s * Geo::KSWZ);
+    const unsigned char* base = t + rs * E * TC * SZ + (c % CH) * SZ;
+    const unsigned char* addr[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) addr[j] = base + ((cx ^ j) * 16);
+#pragma unroll
+    for (int i0 = 0; i0 < E; i0 += 4) {
+      uint4 m = make_uint4(0, 0, 0, 0);
+      if (RHT) m = *reinterpret_cast<const uint4*>(signs + s * E + i0);
+      const uint32_t m4[4] = {m.x, m.y, m.z, m.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int i = i0 + j;
+        v[i] = __uint_as_float(load_bits(addr[i & 7] + i * TC * SZ, static_cast<T*>(nullptr)) ^ m4[j]);
+      }
+    }
+    if (RHT) fwht<E, NSEG>(v, s, CW, hadamard_scale);
+    const int64_t gc = col0 + c, gr = row0 + rs * E;
+    const bool valid = gc < cols && gr < k;
+    quantize_store<E, SR>(v, prescale, static_cast<uint64_t>(gc * k + gr), offset, key, data + gc * (k / 2) + gr / 2,
+                          scales + gc * (k / 32) + gr / 32, valid, swz, gc, gr / 32, (k / 32 + 3) / 4 * 4, hw_sr);
+  }
+}
+
 template <typename T, int G, int MODE, bool SR>
 __global__ void __launch_bounds__(kThreads, 2) quantize_kernel(const QuantizeParams p) {
   using Geo = Geometry<G, MODE, sizeof(T)>;
-  constexpr int E = Geo::E, NSEG = Geo::NSEG, TR = Geo::TR, TC = Geo::TC, CH = Geo::CH, GB = Geo::GB;
+  constexpr int TR = Geo::TR, TC = Geo::TC, GB = Geo::GB;
   constexpr bool DO_ROW = (MODE & kRow) != 0, DO_COL = (MODE & kCol) != 0, RHT = G > 0;
-  constexpr int SZ = sizeof(T);
 
   extern __shared__ __align__(16) unsigned char smem[];
   uint32_t* sgn_row = reinterpret_cast<uint32_t*>(smem);
@@ -403,7 +472,6 @@ __global__ void __launch_bounds__(kThreads, 2) quantize_kernel(const QuantizePar
 
   const int64_t ntc = (tiled_cols(p) + TC - 1) / TC;
   const int64_t ntiles = ((tiled_rows(p) + TR - 1) / TR) * ntc;
-  const int tid = threadIdx.x;
   int64_t tile = blockIdx.x;
   if (tile < ntiles) load_tile<T, Geo>(p, tile, ntc, tiles);
   cp_async_commit();
@@ -422,62 +490,12 @@ __global__ void __launch_bounds__(kThreads, 2) quantize_kernel(const QuantizePar
     const unsigned char* t = tiles + stage * Geo::TILE_BYTES;
     const int64_t row0 = (tile / ntc) * TR, col0 = (tile % ntc) * TC;
 
-    if (DO_ROW) {
-      constexpr int SEGROW = TC / E;
-#pragma unroll 1
-      for (int u = tid; u < TR * SEGROW; u += kThreads) {
-        const int rest = u >> 3, seg = rest % SEGROW, r = (rest / SEGROW) * 8 + (u & 7);
-        const int sig = seg % NSEG;
-        float v[E];
-        const unsigned char* rowp = t + r * TC * SZ;
-        const int f = swizzle<Geo>(r);
-#pragma unroll
-        for (int j = 0; j < E / CH; ++j) {
-          const int c = seg * (E / CH) + j;
-          const uint4 d = *reinterpret_cast<const uint4*>(rowp + ((c ^ f) * 16));
-          convert_chunk<T, RHT>(d, sgn_row + sig * E + j * CH, v + j * CH);
-        }
-        if (RHT) fwht<E, NSEG>(v, sig, 8, p.hadamard_scale);
-        const int64_t gr = row0 + r, gc = col0 + seg * E;
-        const bool valid = gr < p.rows && gc < p.row_k;
-        quantize_store<E, SR>(v, p.prescale, static_cast<uint64_t>(gr * p.row_k + gc), off_row, key,
-                              p.row_data + gr * (p.row_k / 2) + gc / 2, p.row_scales + gr * (p.row_k / 32) + gc / 32,
-                              valid, p.row_scales_swizzled, gr, gc / 32, (p.row_k / 32 + 3) / 4 * 4, p.hw_sr);
-      }
-    }
-    if (DO_COL) {
-      constexpr int CW = Geo::CW;
-      constexpr int SEGCOL = TR / E;
-#pragma unroll 1
-      for (int u = tid; u < TC * SEGCOL; u += kThreads) {
-        const int col_lo = u % CW, t1 = u / CW, s = t1 % NSEG, t2 = t1 / NSEG;
-        const int c = (t2 % (TC / CW)) * CW + col_lo, rs = (t2 / (TC / CW)) * NSEG + s;
-        float v[E];
-        // row rs*E + i, column c: chunk (c / CH) ^ swizzle(row) = cx ^ (i & 7), cx = (c / CH) ^ s*KSWZ
-        const int cx = (c / CH) ^ (s * Geo::KSWZ);
-        const unsigned char* base = t + rs * E * TC * SZ + (c % CH) * SZ;
-        const unsigned char* addr[8];
-#pragma unroll
-        for (int k = 0; k < 8; ++k) addr[k] = base + ((cx ^ k) * 16);
-#pragma unroll
-        for (int i0 = 0; i0 < E; i0 += 4) {
-          uint4 m = make_uint4(0, 0, 0, 0);
-          if (RHT) m = *reinterpret_cast<const uint4*>(sgn_col + s * E + i0);
-          const uint32_t m4[4] = {m.x, m.y, m.z, m.w};
-#pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            const int i = i0 + k;
-            v[i] = __uint_as_float(load_bits(addr[i & 7] + i * TC * SZ, static_cast<T*>(nullptr)) ^ m4[k]);
-          }
-        }
-        if (RHT) fwht<E, NSEG>(v, s, CW, p.hadamard_scale);
-        const int64_t gc = col0 + c, gr = row0 + rs * E;
-        const bool valid = gc < p.cols && gr < p.col_k;
-        quantize_store<E, SR>(v, p.prescale, static_cast<uint64_t>(gc * p.col_k + gr), off_col, key,
-                              p.col_data + gc * (p.col_k / 2) + gr / 2, p.col_scales + gc * (p.col_k / 32) + gr / 32,
-                              valid, p.col_scales_swizzled, gc, gr / 32, (p.col_k / 32 + 3) / 4 * 4, p.hw_sr);
-      }
-    }
+    if (DO_ROW)
+      quantize_tile_rows<T, Geo, RHT, SR>(t, sgn_row, p.hadamard_scale, p.prescale, row0, col0, p.rows, p.row_k,
+                                          p.row_data, p.row_scales, p.row_scales_swizzled, off_row, key, p.hw_sr);
+    if (DO_COL)
+      quantize_tile_cols<T, Geo, RHT, SR>(t, sgn_col, p.hadamard_scale, p.prescale, row0, col0, p.cols, p.col_k,
+                                          p.col_data, p.col_scales, p.col_scales_swizzled, off_col, key, p.hw_sr);
     __syncthreads();
     if (Geo::STAGES == 1) {
       if (next < ntiles) load_tile<T, Geo>(p, next, ntc, tiles);

@@ -15,6 +15,27 @@ inline void check_cuda(cudaError_t err, const char* what) {
   if (err != cudaSuccess) throw std::runtime_error(std::string("mxfp4 quantize: ") + what + ": " + cudaGetErrorString(err));
 }
 
+// The persistent grid's capacity for kernel K with `smem` bytes of dynamic shared memory on device `dev`: SMs x
+// resident blocks per SM, looked up (and K's shared-memory limit set) once per kernel and device.
+template <auto K>
+int64_t resident_capacity(int dev, int smem) {
+  constexpr int kMaxDevices = 64;
+  static int blocks_per_sm[kMaxDevices] = {0};
+  static int sm_count[kMaxDevices] = {0};
+  if (dev < 0 || dev >= kMaxDevices) throw std::invalid_argument("mxfp4 quantize: device index out of range");
+  if (blocks_per_sm[dev] == 0) {
+    check_cuda(cudaFuncSetAttribute(K, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), "cudaFuncSetAttribute");
+    int nb = 0, sms = 0;
+    check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, K, kThreads, smem),
+               "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+    check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+    if (nb < 1) throw std::runtime_error("mxfp4 quantize: kernel cannot be resident on this device");
+    sm_count[dev] = sms;
+    blocks_per_sm[dev] = nb;
+  }
+  return static_cast<int64_t>(sm_count[dev]) * blocks_per_sm[dev];
+}
+
 template <typename T, int G, int MODE, bool SR>
 void launch(const QuantizeParams& p, cudaStream_t stream) {
   using Geo = Geometry<G, MODE, sizeof(T)>;
@@ -23,29 +44,13 @@ void launch(const QuantizeParams& p, cudaStream_t stream) {
   } else {
     const int64_t ntiles = ((tiled_rows(p) + Geo::TR - 1) / Geo::TR) * ((tiled_cols(p) + Geo::TC - 1) / Geo::TC);
     if (ntiles == 0) return;
-    auto kern = quantize_kernel<T, G, MODE, SR>;
     int dev = 0;
     check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-    constexpr int kMaxDevices = 64;
-    static int blocks_per_sm[kMaxDevices] = {0};
-    static int sm_count[kMaxDevices] = {0};
-    if (dev >= kMaxDevices) throw std::invalid_argument("mxfp4 quantize: device index out of range");
-    if (blocks_per_sm[dev] == 0) {
-      check_cuda(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, Geo::SMEM_BYTES),
-                 "cudaFuncSetAttribute");
-      int nb = 0, sms = 0;
-      check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, kern, kThreads, Geo::SMEM_BYTES),
-                 "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
-      check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
-      if (nb < 1) throw std::runtime_error("mxfp4 quantize: kernel cannot be resident on this device");
-      sm_count[dev] = sms;
-      blocks_per_sm[dev] = nb;
-    }
-    const int64_t cap = static_cast<int64_t>(sm_count[dev]) * blocks_per_sm[dev];
+    const int64_t cap = resident_capacity<quantize_kernel<T, G, MODE, SR>>(dev, Geo::SMEM_BYTES);
     const unsigned grid = static_cast<unsigned>(ntiles < cap ? ntiles : cap);
     QuantizeParams q = p;
     q.hw_sr = SR ? hw_sr_feed(dev) : 0u;
-    kern<<<grid, kThreads, Geo::SMEM_BYTES, stream>>>(q);
+    quantize_kernel<T, G, MODE, SR><<<grid, kThreads, Geo::SMEM_BYTES, stream>>>(q);
     check_cuda(cudaGetLastError(), "kernel launch");
   }
 }
